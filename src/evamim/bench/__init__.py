@@ -1,0 +1,1 @@
+"""Benchmarks: ``evamim bench model|data|pretrain``. Results are recorded in docs/benchmarks.md."""

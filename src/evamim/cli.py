@@ -1,0 +1,57 @@
+"""evamim: EVA-style masked image modeling. Usage: evamim COMMAND [args]; evamim COMMAND --help.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+it is imported only when chosen, so ``evamim --help`` and light commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). The module is imported only when its command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("evamim.tasks.pretrain", "EVA pre-training: regress frozen CLIP features at masked patches"),
+    "convert": ("evamim.models.convert", "convert official EVA / timm / open_clip weights to an evamim model directory"),
+    "data": ("evamim.data.cli", "prepare and inspect datasets (make-shards, inspect)"),
+    "bench": ("evamim.bench.cli", "measure throughput, MFU and memory (model, data, pretrain)"),
+    "demo": ("evamim.tasks.demo", "a small pre-training run on built-in synthetic images, on CPU"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evamim", description=__doc__.splitlines()[0])
+    from evamim import __version__
+
+    parser.add_argument("--version", action="version", version=f"evamim {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        # Let argparse print help, or its "invalid choice" error listing the commands.
+        parser.parse_args(argv or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name:
+            print(f"evamim {name}: not built yet in this version of evamim", file=sys.stderr)
+            return 2
+        raise
+    command_parser = argparse.ArgumentParser(prog=f"evamim {name}", description=help_text)
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
