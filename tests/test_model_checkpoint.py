@@ -219,3 +219,17 @@ def test_infer_config_from_official_layout():
                   "blocks.0.mlp.fc1.weight": torch.zeros(6144, 1408), "blocks.0.mlp.fc2.weight": torch.zeros(1408, 6144)}
     config = infer_config(giant_like)
     assert (config.num_heads, config.depth, config.mlp_hidden_dim) == (16, 40, 6144)
+
+
+def test_convert_cli_official_file_to_evamim_dir(tmp_path, capsys):
+    from evamim.cli import main
+
+    source = _mim_model(8)
+    torch.save({"model": official_eva01_mim_state_dict(source)}, tmp_path / "eva.pt")
+    assert main(["convert", str(tmp_path / "eva.pt"), str(tmp_path / "out"), "--num-heads", "2",
+                 "--set", "img_size=56"]) == 0
+    printed = capsys.readouterr().out
+    assert "resampled: pos_embed 4 -> 16 patches" in printed
+    converted = evamim.create_model(pretrained=tmp_path / "out")
+    assert converted.config.img_size == (56, 56) and converted.lm_head.out_features == 24
+    torch.testing.assert_close(converted.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight.half().float())
