@@ -1,0 +1,90 @@
+"""Typed configs: dataclass defaults, a YAML file of deltas, then ``key=value`` overrides from the command line.
+
+One source of defaults (the dataclasses, each section defined next to the code that uses it), small YAML
+recipes, and overrides such as ``optim.lr=5e-4 data.root=/data/in1k``. Unknown or mistyped keys and values
+of the wrong type are errors that name the key, the valid keys and the file or override they came from.
+The resolved config is saved next to every run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says what to change."""
+
+
+def _valid_keys(schema: Any, full_key: str) -> list[str]:
+    """Field names of the dataclass that ``full_key``'s parent refers to."""
+    node = schema
+    for part in [p for p in full_key.split(".")[:-1] if p]:
+        field_types = {f.name: f.type for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        child = getattr(node, part, None) if not isinstance(node, type) else None
+        if child is None and part in field_types and dataclasses.is_dataclass(field_types[part]):
+            child = field_types[part]
+        if child is None or not dataclasses.is_dataclass(child):
+            return []
+        node = child
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+
+
+def _explain(error: OmegaConfBaseException, schema: Any, origin: str) -> ConfigError:
+    full_key = getattr(error, "full_key", None) or ""
+    first_line = str(error).splitlines()[0]
+    message = f"{origin}: {first_line}"
+    if isinstance(error, ConfigKeyError):
+        keys = _valid_keys(schema, full_key)
+        if keys:
+            parent = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
+            message += f"\n  valid keys under {parent}: {', '.join(keys)}"
+    elif full_key:
+        message += f"\n  (key: {full_key})"
+    return ConfigError(message)
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults of ``schema`` <- YAML file at ``path`` <- ``overrides`` (``a.b=value``), validated; returns a dataclass."""
+    base = OmegaConf.structured(schema)
+    layers: list[tuple[DictConfig, str]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        file_config = OmegaConf.load(path)
+        if not isinstance(file_config, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        layers.append((file_config, str(path)))
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=5e-4")
+        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
+    merged = base
+    for layer, origin in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as error:
+            raise _explain(error, schema, origin) from None
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _explain(error, schema, "config") from None
+    except (TypeError, ValueError) as error:  # raised by a section's __post_init__ checks
+        raise ConfigError(f"config: {error}") from None
+
+
+def to_dict(config: Any) -> dict:
+    """A plain dict of a config dataclass (nested sections as dicts), for JSON/YAML and checkpoints."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
