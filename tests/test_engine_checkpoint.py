@@ -1,0 +1,174 @@
+"""Checkpoint files: atomic writes, keep-last-k, discovery of the newest good one, RNG state."""
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from evamim.engine.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    capture_rng_state,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from test_engine_toys import make_trainer
+
+
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.full((4, 4), value)}, "config": {"lr": value, "betas": (0.9, 0.98)}}
+
+
+def _steps(directory):
+    return [step for step, _ in list_checkpoints(directory)]
+
+
+def test_roundtrip_with_weights_only(tmp_path):
+    state = _state(1.5) | {"rng": capture_rng_state()}
+    path = save_checkpoint(state, tmp_path, step=7, keep_last=3)
+    assert path.name == "step-000000007.pt"
+    loaded = torch.load(path, weights_only=True)  # plain types and tensors only
+    assert loaded["step"] == 7 and loaded["config"] == {"lr": 1.5, "betas": (0.9, 0.98)}
+    assert torch.equal(load_checkpoint(path)["model"]["w"], state["model"]["w"])
+
+
+def test_rejects_what_weights_only_cannot_load(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\.data\.order is a numpy\.ndarray"):
+        save_checkpoint({"data": {"order": np.arange(3)}}, tmp_path, step=1, keep_last=1)
+    with pytest.raises(TypeError, match=r"checkpoint\.config\.lr is a numpy\.float64"):
+        save_checkpoint({"config": {"lr": np.float64(0.1)}}, tmp_path, step=1, keep_last=1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_trainer_checks_config_before_training(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.config = {"optim": {"lr": np.float32(1e-3)}}
+    with pytest.raises(TypeError, match=r"config\.optim\.lr is a numpy\.float32"):
+        trainer.train()
+    assert trainer.step == 0
+
+
+def test_keep_last_deletes_only_older_ones(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(_state(step), tmp_path, step, keep_last=2)
+    assert _steps(tmp_path) == [4, 5]
+    # A higher-step checkpoint from an abandoned run is not counted against, nor is the new one deleted.
+    save_checkpoint(_state(9), tmp_path, 9, keep_last=1)
+    save_checkpoint(_state(6), tmp_path, 6, keep_last=1)
+    assert _steps(tmp_path) == [6, 9]
+
+
+def test_rng_state_roundtrip():
+    state = capture_rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(state)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(_state(1.0), tmp_path, 1, keep_last=1)
+
+    def write_half_then_fail(obj, handle):
+        handle.write(b"PK\x03\x04" + b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(_state(2.0), tmp_path, 2, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000001.pt"]  # temp file removed
+    path, state = find_latest_checkpoint(tmp_path)
+    assert state["step"] == 1 and state["model"]["w"][0, 0] == 1.0
+
+
+def test_process_killed_while_saving_leaves_previous_checkpoint(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import io, os, signal, torch
+        from evamim.engine.checkpoint import save_checkpoint
+        directory = {str(tmp_path)!r}
+        save_checkpoint({{"model": {{"w": torch.ones(8)}}}}, directory, 1, keep_last=1)
+        real_save = torch.save
+        def save_and_die(obj, handle):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = save_and_die
+        save_checkpoint({{"model": {{"w": torch.zeros(1 << 20)}}}}, directory, 2, keep_last=1)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".step-000000002.")
+    path, state = find_latest_checkpoint(tmp_path)
+    assert path.name == "step-000000001.pt" and torch.equal(state["model"]["w"], torch.ones(8))
+    save_checkpoint(_state(3.0), tmp_path, 3, keep_last=1)  # the next save clears the torn temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000003.pt"]
+
+
+def test_truncated_latest_is_reported_and_previous_used(tmp_path, caplog):
+    save_checkpoint(_state(1.0), tmp_path, 1, keep_last=3)
+    latest = save_checkpoint(_state(2.0), tmp_path, 2, keep_last=3)
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="evamim.engine.checkpoint"):
+        path, state = find_latest_checkpoint(tmp_path)
+    assert path.name == "step-000000001.pt" and state["step"] == 1
+    assert "step-000000002.pt" in caplog.text and "does not load" in caplog.text
+    with pytest.raises(CheckpointError, match="step-000000002.pt"):
+        load_checkpoint(latest)
+
+
+def test_all_checkpoints_corrupt_is_an_error(tmp_path):
+    (tmp_path / "step-000000004.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints"):
+        find_latest_checkpoint(tmp_path)
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_not_a_training_checkpoint(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "step-000000001.pt")
+    with pytest.raises(CheckpointError, match="not an evamim training checkpoint"):
+        load_checkpoint(tmp_path / "step-000000001.pt")
+
+
+def test_trainer_resumes_from_previous_when_latest_is_truncated(tmp_path, caplog):
+    make_trainer(tmp_path, total_steps=4, checkpoint=CheckpointConfig(every=2, keep_last=3)).train()
+    latest = tmp_path / "checkpoints" / "step-000000004.pt"
+    latest.write_bytes(latest.read_bytes()[:100])
+    trainer = make_trainer(tmp_path, total_steps=4, checkpoint=CheckpointConfig(every=2, keep_last=3))
+    with caplog.at_level(logging.WARNING):
+        assert trainer.resume().name == "step-000000002.pt"
+    assert trainer.step == 2 and "step-000000004.pt" in caplog.text
+    result = trainer.train()  # resume() again inside train() is harmless: same checkpoint
+    assert result.step == 4 and load_checkpoint(latest)["step"] == 4
+
+
+def test_resume_modes(tmp_path):
+    make_trainer(tmp_path, total_steps=2).train()
+    with pytest.raises(FileExistsError, match="resume=never"):
+        make_trainer(tmp_path, total_steps=2, checkpoint=CheckpointConfig(resume="never")).train()
+    explicit = make_trainer(tmp_path / "other", total_steps=4,
+                            checkpoint=CheckpointConfig(resume=str(tmp_path / "checkpoints" / "step-000000002.pt")))
+    explicit.resume()
+    assert explicit.step == 2
+
+
+def test_file_permissions_follow_umask(tmp_path):
+    path = save_checkpoint(_state(1.0), tmp_path, 1, keep_last=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
