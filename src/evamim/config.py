@@ -8,7 +8,6 @@ The resolved config is saved next to every run's checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,17 +22,12 @@ class ConfigError(ValueError):
 
 
 def _valid_keys(schema: Any, full_key: str) -> list[str]:
-    """Field names of the dataclass that ``full_key``'s parent refers to."""
-    node = schema
-    for part in [p for p in full_key.split(".")[:-1] if p]:
-        field_types = {f.name: f.type for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        child = getattr(node, part, None) if not isinstance(node, type) else None
-        if child is None and part in field_types and dataclasses.is_dataclass(field_types[part]):
-            child = field_types[part]
-        if child is None or not dataclasses.is_dataclass(child):
-            return []
-        node = child
-    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+    """Keys of the section that ``full_key``'s parent names (the top level for a bare key)."""
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node = OmegaConf.structured(schema)
+    if parent:
+        node = OmegaConf.select(node, parent, default=None)
+    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
 
 
 def _explain(error: OmegaConfBaseException, schema: Any, origin: str) -> ConfigError:

@@ -322,6 +322,8 @@ def load_weights(
     state, container_key = unwrap_container(checkpoint, prefer_ema=prefer_ema)
     converted, report = convert_state_dict(state, model, antialias=antialias)
     report.container_key = container_key
+    if not isinstance(source, Mapping) and (Path(source).is_dir() or Path(source).suffix == ".safetensors"):
+        report.source_format = "evamim"
     if strict and not report.ok:
         raise ValueError(f"weights do not match the model exactly (strict=True):\n{report}")
     model.load_state_dict(converted, strict=False)

@@ -1,0 +1,131 @@
+"""`evamim pretrain` end to end on CPU: learning, exact resume, early and explicit config errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import evamim
+from evamim.cli import main
+from evamim.config import ConfigError, load_config
+from evamim.engine import Hook
+from evamim.tasks.pretrain import PretrainConfig, run_pretrain, validate
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A frozen random ViT teacher (patch 8 at 32 px -> 4x4 grid, 48-d features) as an evamim directory."""
+    torch.manual_seed(123)
+    teacher = evamim.create_model("eva_tiny_p16", patch_size=8, img_size=32, embed_dim=48, depth=2, num_heads=2,
+                                  global_pool="token")
+    return evamim.save_pretrained(teacher, tmp_path_factory.mktemp("teacher") / "teacher")
+
+
+def tiny_overrides(teacher_dir: Path, output_dir: Path, steps: int) -> list[str]:
+    return [
+        "model.name=eva_tiny_p16",
+        "model.drop_path_rate=0.1",  # exercises the RNG state on resume
+        "model.options={patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2}",
+        f"teacher.spec=local:{teacher_dir}",
+        "masking.min_num_patches=2",
+        "data.source=synthetic",
+        "data.image_size=32",
+        "data.synthetic_resolution=48",
+        "data.synthetic_size=256",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "optim.lr=2e-3",
+        "optim.warmup_steps=5",
+        f"loop.total_steps={steps}",
+        "loop.epochs=null",
+        "loop.log_every=1",
+        "loop.progress_bar=false",
+        "checkpoint.every=1000",
+        "batch_size=16",
+        "device=cpu",
+        f"output_dir={output_dir}",
+    ]
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_lowers_the_loss_and_saves_a_loadable_model(teacher_dir, tmp_path):
+    config = load_config(PretrainConfig, None, tiny_overrides(teacher_dir, tmp_path / "run", 50))
+    result = run_pretrain(config)
+    assert result.step == 50 and result.nonfinite_skipped == 0
+    curve = losses(tmp_path / "run")
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < first - 0.1, (first, last)  # negative cosine: lower is better
+    model = evamim.create_model(pretrained=tmp_path / "run" / "model")
+    assert model.lm_head.out_features == 48 and model.mask_token is not None
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "summary.json").exists()
+
+
+class CrashAtStep(Hook):
+    """Simulates a process killed mid-run: raises after ``step`` optimizer steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics, skipped):
+        if trainer.step >= self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_resumed_run_repeats_the_uninterrupted_one_exactly(teacher_dir, tmp_path):
+    """8 steps straight vs. a run that checkpoints at step 4, dies at step 6, and is re-run: same losses, same weights."""
+    straight = load_config(PretrainConfig, None, tiny_overrides(teacher_dir, tmp_path / "straight", 8))
+    run_pretrain(straight)
+    crashed = load_config(PretrainConfig, None, tiny_overrides(teacher_dir, tmp_path / "resumed", 8) + ["checkpoint.every=4"])
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(crashed, hooks=(CrashAtStep(6),))
+    run_pretrain(crashed)  # the same command again: resumes from step 4
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    a = evamim.create_model(pretrained=tmp_path / "straight" / "model").state_dict()
+    b = evamim.create_model(pretrained=tmp_path / "resumed" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "valid keys under optim"),
+        ("batch_size=abc", "batch_size"),
+        ("teacher.spec=clip:ViT-L-14", "invalid teacher spec"),
+        ("loop.grad_accum_steps=3", "not divisible by loop.grad_accum_steps 3"),
+        ("model.name=eva_huge_p16", "not a preset"),
+        ("objective=mae", "unknown"),
+        ("data.image_size=30", "not divisible by patch_size"),
+    ],
+)
+def test_bad_configs_fail_before_any_work_with_a_fix(tmp_path, override, message, capsys):
+    output = tmp_path / "never"
+    code = main(["pretrain", "data.source=synthetic", f"output_dir={output}", override])
+    assert code == 2
+    assert message in capsys.readouterr().out
+    assert not output.exists()  # nothing was created
+
+
+def test_missing_teacher_weights_fail_fast_with_instructions(tmp_path, capsys):
+    code = main(["pretrain", f"teacher.spec=local:{tmp_path / 'nope'}", f"output_dir={tmp_path / 'out'}",
+                 "data.source=synthetic", "device=cpu"])
+    assert code == 2
+    out = capsys.readouterr().out
+    assert "nope" in out and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_recipes_load_and_validate():
+    for recipe in sorted(Path(__file__).resolve().parents[1].glob("configs/pretrain/*.yaml")):
+        config = load_config(PretrainConfig, recipe, ["data.path=/data"])
+        validate(config)
+    paper = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs/pretrain/eva_g14_merged30m.yaml",
+                        ["data.path=/data"])
+    assert (paper.model.name, paper.optim.lr, paper.optim.betas, paper.optim.clip_grad) == ("eva_giant_p14", 1e-3, (0.9, 0.98), 3.0)
+    assert paper.teacher.spec == "open_clip:ViT-L-14-quickgelu/openai" and paper.batch_size * 128 == 4096
+    with pytest.raises(ConfigError, match="masking.kind must be 'block' or 'random'"):
+        validate(load_config(PretrainConfig, None, ["masking.kind=grid"]))
