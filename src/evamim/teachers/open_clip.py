@@ -16,6 +16,7 @@ each token -- the per-token version of how the tower projects its pooled feature
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 
 import torch
@@ -25,6 +26,11 @@ from evamim.teachers.base import CLIP_MEAN, CLIP_STD, TokenEncoder, keep_blocks
 from evamim.teachers.errors import GridMismatchError, grid_text, hub_cache_dir, weights_not_found
 from evamim.teachers.hub import cached_hub_file, safetensors_first, why_no_download
 from evamim.teachers.timm import TimmTokens
+
+logger = logging.getLogger(__name__)
+# 'open_clip:MODEL/random': the architecture with random weights, no download (benchmarks, smoke tests).
+RANDOM_INIT_TAG = "random"
+
 
 
 class OpenClipTokens(TokenEncoder):
@@ -210,6 +216,10 @@ def _create(name: str, pretrained: str | None, spec: str, cache_dir: str | None)
             f"or 'open_clip:{name}/path/to/weights'"
         )
     mean, std = CLIP_MEAN, CLIP_STD
+    if pretrained == RANDOM_INIT_TAG:
+        # Same architecture and cost, meaningless targets: for benchmarks and smoke tests only.
+        logger.warning("%s: randomly initialised teacher (tag %r): its targets carry no knowledge", spec, pretrained)
+        return open_clip.create_model(name), mean, std
     if os.path.isfile(pretrained):
         path = pretrained
     else:
