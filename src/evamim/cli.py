@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("evamim.data.cli", "prepare and inspect datasets (make-shards, inspect)"),
     "bench": ("evamim.bench.cli", "measure throughput, MFU and memory (model, data, pretrain)"),
     "demo": ("evamim.tasks.demo", "a small pre-training run on built-in synthetic images, on CPU"),
+    "knn": ("evamim.tasks.knn", "k-nearest-neighbour classification of frozen features (DINO protocol)"),
+    "linprobe": ("evamim.tasks.linear_probe", "linear probe on frozen features, a grid of learning rates at once"),
+    "finetune": ("evamim.tasks.finetune", "full fine-tuning with layer decay, mixup/cutmix and EMA"),
+    "segment": ("evamim.tasks.segmentation", "semantic segmentation (ADE20K layout): linear or UPerNet head"),
+    "embed": ("evamim.tasks.embed", "extract embeddings of a folder, list or shards to .npy/.safetensors"),
 }
 
 

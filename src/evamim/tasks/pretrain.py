@@ -23,6 +23,7 @@ from evamim.data.config import DataConfig
 from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig, Trainer, TrainResult, build_optimizer
 from evamim.models.presets import list_models, model_config
 from evamim.models.vit import EvaViTConfig
+from evamim.tasks.common import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -163,15 +164,6 @@ def build_mask_generator(config: PretrainConfig, grid: tuple[int, int]):
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
-    return device
-
-
 # ------------------------------------------------------------------------------------------------ the run
 class PretrainStep:
     """The objective as the loop sees it: ``(student, batch) -> dict``, teacher targets computed inside.
@@ -216,7 +208,10 @@ def run_pretrain(config: PretrainConfig, hooks: tuple = ()) -> TrainResult:
     from evamim.pretrain.objectives import get_objective
 
     validate(config)
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,73 @@
+"""Pieces every downstream task shares: choosing the backbone, the device, and reporting results.
+
+Each task writes ``output_dir/config.yaml`` and ``output_dir/results.json`` and ends its console output
+with a short table, so that a run directory always says what was run and what came out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+
+@dataclass
+class BackboneSection:
+    """Which pre-trained model a downstream task starts from."""
+
+    pretrained: str | None = None
+    """An evamim model directory (architecture from its config.json), or any weights file ``load_weights``
+    reads (official EVA .pt, timm, open_clip) together with ``name``."""
+    name: str | None = None
+    """A preset (``evamim.list_models()``); needed when ``pretrained`` is not an evamim directory."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """EvaViTConfig overrides, e.g. ``{img_size: 336, drop_path_rate: 0.1}``."""
+
+
+def load_backbone(section: BackboneSection, **overrides: Any):
+    """Build the EvaViT a task starts from; ``overrides`` (task-specific, e.g. num_classes) win over options."""
+    from evamim.models.presets import create_model
+
+    if section.pretrained is None and section.name is None:
+        raise ValueError("backbone: set backbone.pretrained (an evamim model directory or weights file) or backbone.name")
+    return create_model(section.name, pretrained=section.pretrained, **{**section.options, **overrides})
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; an explicit cuda device without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
+    return device
+
+
+def write_results(output_dir: str | Path, config: Any, results: Mapping[str, Any]) -> Path:
+    """``output_dir/config.yaml`` (the resolved config) and ``output_dir/results.json``; returns the JSON path."""
+    from evamim.config import save_config
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, output_dir / "config.yaml")
+    path = output_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return path
+
+
+def format_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
+    """A plain aligned text table; floats with 4 significant decimals."""
+    if not rows:
+        return "(no results)"
+    columns = columns or list(rows[0])
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    widths = {c: max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
