@@ -71,3 +71,13 @@ def format_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
     lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy in percent: logits (B, classes), labels (B,) long -> {'top1': ..., 'top5': ...}.
+    k larger than the number of classes counts every sample as correct."""
+    if labels.numel() == 0:
+        return {f"top{k}": float("nan") for k in ks}
+    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
+    hits = top == labels.unsqueeze(-1)
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=-1).float().mean().item() for k in ks}
