@@ -1,0 +1,95 @@
+"""``evamim data make-shards SRC OUT ...`` and ``evamim data inspect PATH ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    make = commands.add_parser(
+        "make-shards",
+        help="write WebDataset tar shards from an image folder or list file",
+        description="Write WebDataset tar shards from an image folder (ImageFolder layout or flat) or a list "
+        "file (`path` or `path label` per line). Bad images are skipped and reported.",
+    )
+    make.add_argument("src", help="image folder or list file")
+    make.add_argument("out", help="output folder (created if missing); nothing is written outside it")
+    make.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    make.add_argument("--max-side", type=int, default=None, help="resize so the longer side is at most this (re-encodes)")
+    make.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
+    make.add_argument("--labels", action="store_true", help="store class labels (cls): class folders or `path label` lines")
+    make.add_argument("--prefix", default="shard", help="shard file name prefix (default shard -> shard-000000.tar)")
+    make.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep sorted order (default: seeded shuffle)")
+    make.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default 0)")
+    make.add_argument("--workers", type=int, default=1, help="processes decoding and re-encoding (default 1)")
+    make.add_argument("--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (bomb guard)")
+    make.add_argument("--overwrite", action="store_true", help="replace existing <prefix>-*.tar shards in OUT")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="count samples, show a few, and measure the failure rate",
+        description="Describe an image folder, a list file or shards (a .tar, a folder of them, a brace pattern "
+        "or URL): sample count, a few samples' sizes, and which samples fail to decode.",
+    )
+    inspect.add_argument("path", help="folder, list file, shard file, shard folder or pattern")
+    inspect.add_argument("--limit", type=int, default=1000, help="samples to check (default 1000; 0 = all)")
+    inspect.add_argument("--show", type=int, default=5, help="samples to describe (default 5)")
+    inspect.add_argument("--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (bomb guard)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.data_command == "make-shards":
+        return _make_shards(args)
+    return _inspect(args)
+
+
+def _make_shards(args: argparse.Namespace) -> int:
+    from evamim.data.shard_writer import make_shards
+
+    try:
+        report = make_shards(
+            args.src,
+            args.out,
+            shard_size=args.shard_size,
+            max_side=args.max_side,
+            quality=args.quality,
+            labels=args.labels,
+            prefix=args.prefix,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            workers=args.workers,
+            max_image_pixels=args.max_image_pixels,
+            overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"evamim data make-shards: {error}", file=sys.stderr)
+        return 2
+    for line in report.bad:
+        print(f"skipped {line}", file=sys.stderr)
+    print(
+        f"wrote {report.num_samples} samples into {len(report.shards)} shards in {args.out}; "
+        f"skipped {len(report.bad)} bad files"
+    )
+    if report.num_samples == 0:
+        print("evamim data make-shards: no image could be read; nothing written", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from evamim.data.inspect import format_report, inspect_data
+
+    try:
+        report = inspect_data(args.path, limit=args.limit, show=args.show, max_pixels=args.max_image_pixels)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"evamim data inspect: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0

@@ -1,0 +1,189 @@
+"""``DataConfig``: every setting of the data layer, as a plain dataclass with defaults.
+
+The top-level config composes it (``data.*`` keys) and loads it from YAML; nothing here depends on
+a config library. Sequences may arrive as lists from YAML: the builders convert them with ``tuple()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# OpenAI CLIP's normalisation: the EVA teachers were trained with it, so it is the student's default too.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+SOURCE_KINDS = ("folder", "list", "shards", "synthetic")
+SHARD_SAMPLING = ("split", "resample")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from, how they are augmented and how they are loaded."""
+
+    source: str = "synthetic"
+    """One of ``folder`` (ImageFolder tree or flat folder), ``list`` (text file of image paths,
+    optionally ``path label`` per line), ``shards`` (WebDataset tar shards) or ``synthetic``
+    (procedurally drawn shapes with captions; needs no files)."""
+
+    path: str = ""
+    """Folder root, list file, or shards: a local path, a brace pattern
+    (``/data/cc12m-{000000..001242}.tar``), several patterns joined by ``::``, a folder holding
+    ``*.tar``, an ``http(s)://`` URL or a ``pipe:`` command. Unused for ``synthetic``."""
+
+    image_size: int = 224
+    """Side of the square output crop, in pixels."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area fraction range (pre-training: EVA's (0.2, 1.0))."""
+
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio (width / height) range."""
+
+    interpolation: str = "bicubic"
+    """Resampling filter for crops and resizes: bicubic, bilinear, nearest or lanczos."""
+
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    """Per-channel mean (RGB, in [0, 1]) subtracted from the student's input."""
+
+    std: tuple[float, float, float] = CLIP_STD
+    """Per-channel standard deviation (RGB, in [0, 1]) dividing the student's input."""
+
+    jpeg_draft: bool = True
+    """Let libjpeg decode JPEGs at 1/2, 1/4 or 1/8 scale when even the smallest possible crop still
+    gets at least ``image_size`` source pixels per side (see docs/data.md). Off = always full size."""
+
+    crop_pct: float = 0.875
+    """Evaluation: resize the shorter side to ``image_size / crop_pct``, then centre-crop."""
+
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """Fine-tuning only: timm RandAugment policy string; None disables it."""
+
+    finetune_crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Fine-tuning only: RandomResizedCrop area fraction range."""
+
+    random_erasing: float = 0.25
+    """Fine-tuning only: probability of timm RandomErasing (pixel mode); 0 disables it."""
+
+    mixup_alpha: float = 0.0
+    """Fine-tuning only: mixup Beta(alpha, alpha); 0 disables mixup."""
+
+    cutmix_alpha: float = 0.0
+    """Fine-tuning only: cutmix Beta(alpha, alpha); 0 disables cutmix."""
+
+    mixup_prob: float = 1.0
+    """Fine-tuning only: probability of applying mixup or cutmix to a batch."""
+
+    mixup_switch_prob: float = 0.5
+    """Fine-tuning only: probability of cutmix instead of mixup when both are on."""
+
+    label_smoothing: float = 0.1
+    """Fine-tuning only: label smoothing folded into the soft targets mixup/cutmix produce."""
+
+    labels: bool = False
+    """Deliver class labels (``batch["labels"]``). Every sample must then have one: class
+    sub-folders, ``path label`` lines, a ``cls`` entry in shards, or the synthetic shape class."""
+
+    captions: bool = False
+    """Deliver captions (``batch["captions"]``). Every sample must then have one: ``txt`` or
+    ``json`` (``caption``/``text`` field) in shards, or the synthetic description."""
+
+    num_workers: int = 8
+    """DataLoader worker processes per rank (0 = load in the main process)."""
+
+    pin_memory: bool = True
+    """Pin batches in page-locked memory for faster, asynchronous host-to-GPU copies (only when
+    CUDA is available: without an accelerator there is nothing to pin for)."""
+
+    persistent_workers: bool = True
+    """Keep map-style workers alive across epochs. Shard workers always restart each epoch so that
+    they see the new epoch's shard order and any resume position."""
+
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+    shuffle: bool = True
+    """Shuffle training samples (map-style: a seeded permutation per epoch; shards: seeded shard
+    order per epoch plus a sample buffer)."""
+
+    shuffle_buffer: int = 1000
+    """Shards: samples each worker keeps in its shuffle buffer (memory = buffer x encoded size)."""
+
+    shard_sampling: str = "split"
+    """Shards: ``split`` reads every shard once per epoch, shards divided across ranks and workers;
+    ``resample`` draws shards with replacement forever and needs ``samples_per_epoch``."""
+
+    samples_per_epoch: int | None = None
+    """Shards: samples per epoch per rank. Required with ``resample``; with ``split`` it only sets
+    ``len(loader)`` for progress bars and schedules."""
+
+    max_bad_fraction: float = 0.01
+    """Stop with an error when more than this fraction of the recent samples failed to load."""
+
+    bad_window: int = 10_000
+    """The failure fraction is measured over roughly this many most recent samples."""
+
+    bad_min_samples: int = 1_000
+    """Do not judge the failure fraction before this many samples were tried in the window, so
+    that one early bad file cannot stop a run."""
+
+    max_consecutive_bad: int = 64
+    """Map-style: a bad sample is replaced by the next index; give up after this many in a row."""
+
+    max_image_pixels: int = 89_478_485
+    """Refuse images with more pixels than this (decompression-bomb guard, PIL's default)."""
+
+    seed: int = 0
+    """Seed of the epoch permutation, shard order, augmentations and masks. The same seed, epoch
+    and sample give the same crop and mask, whatever the number of workers or ranks."""
+
+    synthetic_size: int = 10_000
+    """Synthetic: number of distinct images in one epoch."""
+
+    synthetic_resolution: int = 96
+    """Synthetic: side of the drawn image before cropping, in pixels."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a setting is out of range."""
+        _one_of("source", self.source, SOURCE_KINDS)
+        _one_of("shard_sampling", self.shard_sampling, SHARD_SAMPLING)
+        _one_of("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.source != "synthetic" and not str(self.path):
+            raise ValueError(f"data.path is empty: source {self.source!r} needs a folder, list file or shards")
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
+        for name in ("crop_scale", "finetune_crop_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"data.{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+        low, high = self.crop_ratio
+        if not 0 < low <= high:
+            raise ValueError(f"data.crop_ratio must satisfy 0 < low <= high, got {(low, high)}")
+        if len(tuple(self.mean)) != 3 or len(tuple(self.std)) != 3 or min(self.std) <= 0:
+            raise ValueError(f"data.mean and data.std need 3 values, std > 0; got {self.mean}, {self.std}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.shard_sampling == "resample" and not self.samples_per_epoch:
+            raise ValueError("data.shard_sampling=resample needs data.samples_per_epoch (samples per rank)")
+        for name in ("num_workers", "shuffle_buffer", "bad_window", "bad_min_samples", "max_consecutive_bad"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefetch_factor < 1 or self.max_image_pixels < 1 or self.synthetic_size < 1:
+            raise ValueError("data.prefetch_factor, data.max_image_pixels and data.synthetic_size must be >= 1")
+        if self.synthetic_resolution < 8:
+            raise ValueError(f"data.synthetic_resolution must be >= 8, got {self.synthetic_resolution}")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"data.{name} must be one of {', '.join(allowed)}; got {value!r}")

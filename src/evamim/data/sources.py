@@ -1,0 +1,74 @@
+"""``build_dataset``: the dataset ``DataConfig.source`` names, with its transform.
+
+- ``folder``: ``FileSource.from_folder`` (ImageFolder tree; flat folders work without labels)
+- ``list``: ``FileSource.from_list`` (``path`` or ``path label`` per line)
+- ``shards``: ``ShardDataset`` over WebDataset tar shards
+- ``synthetic``: ``SyntheticShapes`` (drawn shapes with captions and shape labels)
+
+Map-style sources become a ``MapDataset``; shards an iterable ``ShardDataset``. A missing or empty
+path fails here, at construction, with the path in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from evamim.data.config import DataConfig
+from evamim.data.files import FileSource
+from evamim.data.mapstyle import MapDataset
+from evamim.data.shards import ShardDataset, expand_shards
+from evamim.data.synthetic import SyntheticShapes
+from evamim.data.transforms import as_image_transform
+
+logger = logging.getLogger("evamim.data")
+
+
+def build_source(cfg: DataConfig) -> Any:
+    """The map-style source of ``cfg`` (folder, list or synthetic); not for shards."""
+    if cfg.source == "folder":
+        return FileSource.from_folder(cfg.path, labels=cfg.labels)
+    if cfg.source == "list":
+        return FileSource.from_list(cfg.path, labels=cfg.labels)
+    if cfg.source == "synthetic":
+        return SyntheticShapes(cfg.synthetic_size, cfg.synthetic_resolution, seed=cfg.seed)
+    raise ValueError(f"data.source {cfg.source!r} is not a map-style source")
+
+
+def build_dataset(
+    cfg: DataConfig,
+    transform: Any,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool | None = None,
+) -> MapDataset | ShardDataset:
+    """The dataset of ``cfg`` yielding sample dicts, each image made by ``transform``.
+
+    ``rank``/``world_size`` only matter for shards (map-style datasets are split by the sampler).
+    ``shuffle`` overrides ``cfg.shuffle`` (evaluation reads shards in order).
+    """
+    cfg.validate()
+    transform = as_image_transform(transform)
+    common = dict(seed=cfg.seed, labels=cfg.labels, captions=cfg.captions, max_image_pixels=cfg.max_image_pixels)
+    if cfg.source == "shards":
+        urls = expand_shards(cfg.path)
+        shards_per_rank = len(urls) // world_size
+        if cfg.shard_sampling == "split" and shards_per_rank < max(1, cfg.num_workers):
+            logger.warning(
+                "%d shards per rank for %d workers: some workers will sit idle; write more, smaller shards",
+                shards_per_rank,
+                cfg.num_workers,
+            )
+        return ShardDataset(
+            urls,
+            transform,
+            rank=rank,
+            world_size=world_size,
+            shuffle=cfg.shuffle if shuffle is None else shuffle,
+            shuffle_buffer=cfg.shuffle_buffer,
+            sampling=cfg.shard_sampling,
+            samples_per_epoch=cfg.samples_per_epoch,
+            **common,
+        )
+    return MapDataset(build_source(cfg), transform, max_consecutive_bad=cfg.max_consecutive_bad, **common)
