@@ -1,11 +1,12 @@
 """Splitting a batch into micro-batches (gradient accumulation) and finding its size (throughput).
 
 A batch is any nesting of dicts, tuples/lists (including namedtuples) and leaves:
-- tensors are split along dim 0;
-- a list/tuple of plain values (str, int, float, bool, None: e.g. captions, file names) holding no
-  tensors or containers is a per-sample sequence and is split like a tensor;
+- tensors (with a dim 0) are per-sample and all have the same length: the batch size;
+- a list/tuple of plain values (str, int, float, bool, None: e.g. captions, file names) of that length
+  is per-sample too and is split like a tensor; one of another length is per-batch bookkeeping (e.g. a
+  loader's list of files that failed while the batch was made) and is shared unchanged. With no tensors
+  at all, the plain sequences define the batch size and must agree;
 - any other leaf (a number, a string on its own) is shared by every micro-batch unchanged.
-Every split leaf must have the same length, the batch size.
 """
 
 from __future__ import annotations
@@ -27,39 +28,42 @@ def _is_namedtuple(obj) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
 
-def _leaf_lengths(batch, found: list[int]) -> None:
+def _leaf_lengths(batch, tensors: list[int], sequences: list[int]) -> None:
     if isinstance(batch, torch.Tensor):
-        if batch.ndim == 0:
-            return  # a 0-d tensor is per-batch (e.g. a temperature), not per-sample
-        found.append(batch.shape[0])
+        if batch.ndim > 0:  # a 0-d tensor is per-batch (e.g. a temperature), not per-sample
+            tensors.append(batch.shape[0])
     elif _is_sample_sequence(batch):
-        found.append(len(batch))
+        sequences.append(len(batch))
     elif isinstance(batch, dict):
         for value in batch.values():
-            _leaf_lengths(value, found)
+            _leaf_lengths(value, tensors, sequences)
     elif isinstance(batch, (list, tuple)):
         for value in batch:
-            _leaf_lengths(value, found)
+            _leaf_lengths(value, tensors, sequences)
 
 
 def infer_batch_size(batch: Any) -> int:
-    """Number of samples in ``batch``: the common length of its per-sample leaves (see module docstring)."""
-    lengths: list[int] = []
-    _leaf_lengths(batch, lengths)
+    """Number of samples in ``batch``: the common dim 0 of its tensors, or of its plain sequences when it has
+    no tensors (see the module docstring)."""
+    tensors: list[int] = []
+    sequences: list[int] = []
+    _leaf_lengths(batch, tensors, sequences)
+    lengths = tensors or sequences
     if not lengths:
         raise ValueError(
             f"cannot tell the batch size of a {type(batch).__name__} with no tensors or per-sample lists; "
             "pass batch_size_fn to the trainer"
         )
     if len(set(lengths)) != 1:
-        raise ValueError(f"the batch's per-sample entries have different lengths {sorted(set(lengths))}")
+        kind = "tensors" if tensors else "per-sample lists"
+        raise ValueError(f"the batch's {kind} have different lengths {sorted(set(lengths))}")
     return lengths[0]
 
 
 def _split(batch, size: int, parts: int) -> list:
     if isinstance(batch, torch.Tensor) and batch.ndim > 0:
         return list(batch.split(size))
-    if _is_sample_sequence(batch):
+    if _is_sample_sequence(batch) and len(batch) == size * parts:
         return [batch[i * size:(i + 1) * size] for i in range(parts)]
     if isinstance(batch, dict):
         split_values = {key: _split(value, size, parts) for key, value in batch.items()}
