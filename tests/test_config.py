@@ -49,6 +49,9 @@ def test_wrong_types_and_malformed_overrides_are_rejected(tmp_path):
         load_config(Run, None, ["seed"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(Run, tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("optim:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_config(Run, tmp_path / "broken.yaml")
     with pytest.raises(ConfigError, match="seed must be >= 0"):
         load_config(Run, None, ["seed=-1"])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -52,7 +53,10 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
-        file_config = OmegaConf.load(path)
+        try:
+            file_config = OmegaConf.load(path)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(file_config, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         layers.append((file_config, str(path)))
