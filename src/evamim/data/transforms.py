@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evamim.constants import CLIP_MEAN, CLIP_STD
 from evamim.data.config import DataConfig
 
 INTERPOLATION = {
@@ -251,8 +252,8 @@ class PretrainTransform(ImageTransform):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         interpolation: str = "bicubic",
         hflip: float = 0.5,
-        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
         jpeg_draft: bool = True,
     ):
         self.size = int(size)
@@ -362,8 +363,8 @@ class EvalTransform(ImageTransform):
         size: int = 224,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
-        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
         jpeg_draft: bool = True,
     ):
         self.size = int(size)
@@ -409,8 +410,8 @@ class FinetuneTransform(ImageTransform):
         hflip: float = 0.5,
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         random_erasing: float = 0.25,
-        mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-        std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
         jpeg_draft: bool = True,
     ):
         from timm.data import create_transform

@@ -26,10 +26,7 @@ from torch import nn
 
 from evamim.teachers.errors import GridMismatchError, grid_text
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from evamim.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
