@@ -91,6 +91,25 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(teacher_dir, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_pretraining_on_a_folder_with_a_corrupt_file_skips_it(teacher_dir, tmp_path, caplog):
+    """A bad file is skipped and counted by the loader; training (with accumulation) carries on."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (40, 36), (20 * i, 100, 255 - 20 * i)).save(folder / f"{i:02d}.png")
+    (folder / "05_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    overrides = tiny_overrides(teacher_dir, tmp_path / "run", 3) + [
+        "data.source=folder", f"data.path={folder}", "batch_size=4", "loop.grad_accum_steps=2",
+        "data.max_bad_fraction=0.5", "optim.warmup_steps=1",
+    ]
+    with caplog.at_level("WARNING"):
+        result = run_pretrain(load_config(PretrainConfig, None, overrides))
+    assert result.step == 3 and result.nonfinite_skipped == 0
+    assert "05_broken.jpg" in caplog.text  # reported with its path
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

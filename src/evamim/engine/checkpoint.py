@@ -12,19 +12,41 @@ disagree with the files.
 A checkpoint is a dict of plain types and tensors only, so it loads with ``torch.load(weights_only=True)``
 (no arbitrary code runs when loading a file someone handed you); :func:`save_checkpoint` rejects anything
 else up front, naming the offending entry, rather than writing a file that will not load.
+
+Two layouts, chosen by the training strategy through a *checkpointer* (what the loop calls):
+
+- :class:`FileCheckpointer` (one process, DDP, ZeRO-1): the single file above, written by the main
+  process. Under ZeRO-1 the optimizer state is first consolidated onto the main process
+  (``consolidate_state_dict(to=0)``, a collective), so the file is the same as a one-process run's and
+  resumes on any number of processes.
+- :class:`ShardedCheckpointer` (FSDP): a directory ``step-<9-digit step>/`` written with
+  ``torch.distributed.checkpoint`` (DCP): every process writes its own shards of the weights and
+  optimizer moments (``__<rank>_0.distcp``), the coordinator the index (``.metadata``), and the main
+  process ``trainer.pt`` with everything else (step, RNG and data positions, hooks, config, the
+  optimizer's hyper-parameters) in the weights_only format above. DCP reshards on load, so a checkpoint
+  written by N processes resumes on M (including one process without a process group). Atomicity: the
+  directory is written as hidden ``.step-<step>.partial/`` and renamed into place once every shard and
+  ``trainer.pt`` are on disk; discovery ignores partial directories and the next save removes them. A
+  directory whose shards are missing or shorter than the index says is reported and skipped like a
+  truncated file. Only tensors go through DCP (it unpickles anything else with ``weights_only=False``);
+  its ``.metadata`` index is itself a pickle, so sharded checkpoints should come from trusted sources.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import random
 import re
 import secrets
+import shutil
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -35,7 +57,10 @@ FORMAT = "evamim-train-checkpoint"
 VERSION = 1
 SUBDIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{9,})\.pt$")
+_DIR_NAME = re.compile(r"^step-(\d{9,})$")
 _TMP_PREFIX = ".step-"
+_PARTIAL_SUFFIX = ".partial"
+TRAINER_FILE = "trainer.pt"
 
 # What torch.load raises on a truncated or garbled file (zip reader errors, unpickling, short reads).
 _LOAD_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError, KeyError)
@@ -52,7 +77,7 @@ class CheckpointConfig:
     resume: str = "auto"
     """``auto``: continue from the newest checkpoint in the output directory that loads (start fresh if
     there is none); ``never``: start fresh, and refuse if the directory already has checkpoints; or the
-    path of a checkpoint file to continue from."""
+    path of a checkpoint file (or, for FSDP, a checkpoint directory) to continue from."""
 
 
 class CheckpointError(RuntimeError):
@@ -275,3 +300,332 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict] | 
             "point the run at a good checkpoint file"
         )
     return None
+
+
+# ------------------------------------------------------------------------------------ checkpointers
+#
+# What the training loop calls: capture/restore the model and optimizer, write a checkpoint with the
+# loop's own state (``extra``: step, RNG and data positions, hooks, config) and find the newest one
+# that loads. Every method that may communicate is called by every process.
+
+
+class FileCheckpointer:
+    """Single-file checkpoints of ``module`` and ``optimizer`` (one process, DDP, ZeRO-1).
+
+    ``module`` is the unwrapped model (its ``state_dict`` keys are the checkpoint's). Every process
+    holds the full weights; under ZeRO-1 the optimizer state is consolidated onto the main process
+    before saving, so the file is the same as a one-process run's.
+    """
+
+    layout = "file"
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, is_main_process: bool = True):
+        self.module = module
+        self.optimizer = optimizer
+        self.is_main_process = is_main_process
+
+    def model_optimizer_state(self) -> dict:
+        """``{"model": ..., "optimizer": ...}``. Under ZeRO-1 a collective, and the optimizer entry is
+        None on every process but the main one."""
+        return {"model": self.module.state_dict(), "optimizer": self._optimizer_state()}
+
+    def _optimizer_state(self) -> dict | None:
+        consolidate = getattr(self.optimizer, "consolidate_state_dict", None)
+        if callable(consolidate):  # ZeroRedundancyOptimizer: each process holds a share of the state
+            consolidate(to=0)
+            return self.optimizer.state_dict() if self.is_main_process else None
+        return self.optimizer.state_dict()
+
+    def load_model_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        # A ZeroRedundancyOptimizer takes the consolidated state and keeps its own share.
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def list(self, directory: str | os.PathLike) -> list[tuple[int, Path]]:
+        return list_checkpoints(directory)
+
+    def save(self, directory: str | os.PathLike, step: int, keep_last: int, extra: Mapping[str, Any]) -> Path | None:
+        """Write ``step-<step>.pt`` (main process); returns its path there, None elsewhere."""
+        state = self.model_optimizer_state()
+        if not self.is_main_process:
+            return None
+        return save_checkpoint({**state, **extra}, directory, step, keep_last)
+
+    def load(self, path: str | os.PathLike) -> dict:
+        """Restore the model and optimizer from ``path``; returns the whole checkpoint."""
+        path = Path(path)
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint directory but this run writes single-file "
+                                  "checkpoints; resume it with distributed.strategy=fsdp")
+        state = load_checkpoint(path)
+        self.load_model_optimizer_state(state)
+        return state
+
+    def load_latest(self, directory: str | os.PathLike) -> tuple[Path, dict] | None:
+        """Restore from the newest checkpoint in ``directory`` that loads; ``(path, checkpoint)`` or None."""
+        _refuse_newer_other_layout(directory, self.list(directory), list_sharded_checkpoints(directory), self.layout)
+        found = find_latest_checkpoint(directory)
+        if found is None:
+            return None
+        path, state = found
+        self.load_model_optimizer_state(state)
+        return path, state
+
+
+class ShardedCheckpointer:
+    """Sharded checkpoint directories written with torch.distributed.checkpoint (FSDP; see the module doc).
+
+    ``module`` is the model whose parameter names the checkpoint uses (the unwrapped student, possibly
+    with FSDP-sharded submodules); ``optimizer`` steps its parameters. Works without a process group too
+    (one process reading or writing every shard).
+    """
+
+    layout = "sharded"
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, is_main_process: bool = True):
+        self.module = module
+        self.optimizer = optimizer
+        self.is_main_process = is_main_process
+
+    def model_optimizer_state(self) -> dict:
+        """This process's view: ``{"model": ..., "optimizer": ...}`` with sharded tensors (DTensors) under
+        FSDP, parameter names as optimizer keys. Initialises an empty optimizer state (a zero-lr step)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.module, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_model_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def list(self, directory: str | os.PathLike) -> list[tuple[int, Path]]:
+        return list_sharded_checkpoints(directory)
+
+    def save(self, directory: str | os.PathLike, step: int, keep_last: int, extra: Mapping[str, Any]) -> Path | None:
+        """Write ``step-<step>/`` (every process writes its shards); returns its path on the main process."""
+        import torch.distributed.checkpoint as dcp
+
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the checkpoint just written is always kept), got {keep_last}")
+        directory = Path(directory)
+        final = sharded_checkpoint_path(directory, step)
+        partial = directory / f".{final.name}{_PARTIAL_SUFFIX}"
+        tensors, plain = split_tensors(self.model_optimizer_state())
+        payload = {"format": FORMAT, "version": VERSION, "layout": self.layout, **extra, "plain": plain,
+                   "step": int(step)}
+        check_plain(payload)  # on every process, before any shard is written, so all of them stop together
+        if self.is_main_process:
+            directory.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)  # left by a save at this step that was killed
+            partial.mkdir()
+        _barrier()  # nobody writes into the partial directory before it exists (and is empty)
+        with _quiet_single_process():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(partial), sync_files=True), no_dist=_no_dist())
+        # dcp.save returns once every shard and the index are written and fsync'ed on every process.
+        if not self.is_main_process:
+            return None
+        atomic_save(payload, partial / TRAINER_FILE)
+        _fsync_dir(partial)
+        _replace_dir(partial, final)
+        _fsync_dir(directory)
+        _log.info("saved checkpoint %s", final)
+        prune_sharded_checkpoints(directory, keep_last, newest=final)
+        return final
+
+    def load(self, path: str | os.PathLike) -> dict:
+        """Restore the model and optimizer from the directory ``path``; returns ``trainer.pt``'s content."""
+        path = Path(path)
+        if path.is_file():
+            raise CheckpointError(f"{path} is a single-file checkpoint but this run (FSDP) writes sharded checkpoint "
+                                  "directories; resume it with distributed.strategy=ddp or zero1")
+        extra = read_sharded_checkpoint(path)
+        self._restore(path, extra)
+        return extra
+
+    def load_latest(self, directory: str | os.PathLike) -> tuple[Path, dict] | None:
+        """Restore from the newest checkpoint directory that loads on every process; ``(path, trainer state)``
+        or None. A newer unreadable one is reported and skipped; if none loads, that is an error."""
+        from evamim.engine.distributed import all_ranks_agree
+
+        found = self.list(directory)
+        _refuse_newer_other_layout(directory, found, list_checkpoints(directory), self.layout)
+        failures = []
+        for step, path in reversed(found):
+            extra, problem = None, None
+            try:
+                extra = read_sharded_checkpoint(path)
+            except CheckpointError as err:
+                problem = err
+            # Every process must make the same choice: they restore collectively from the same directory.
+            if not all_ranks_agree(problem is None):
+                _log.warning("skipping checkpoint %s: it does not load (%s); trying the previous one", path,
+                             problem or "unreadable on another process")
+                failures.append(path)
+                continue
+            self._restore(path, extra)
+            if failures:
+                _log.warning("resuming from %s (step %d) instead of the newer, unreadable %s",
+                             path, step, ", ".join(str(p) for p in failures))
+            return path, extra
+        if failures:
+            raise CheckpointError(f"none of the {len(failures)} checkpoints in {directory} loads; move them away to "
+                                  "start fresh, or point the run at a good checkpoint directory")
+        return None
+
+    def _restore(self, path: Path, extra: Mapping[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        # The destination decides the layout: this run's shards (any number of processes) or full tensors.
+        tensors, _ = split_tensors(self.model_optimizer_state())
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_no_dist())
+        self.load_model_optimizer_state(merge_trees(tensors, extra["plain"]))
+
+
+def sharded_checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    return Path(directory) / f"step-{step:09d}"
+
+
+def list_sharded_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the sharded checkpoint directories in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _DIR_NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def any_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Every checkpoint in ``directory``, files and sharded directories."""
+    return [path for _, path in list_checkpoints(directory) + list_sharded_checkpoints(directory)]
+
+
+def read_sharded_checkpoint(path: str | os.PathLike) -> dict:
+    """``trainer.pt`` of a sharded checkpoint, after checking that every shard the index names is complete.
+
+    Raises :class:`CheckpointError` (naming the directory) if ``trainer.pt`` or the index do not load,
+    or a shard file is missing or shorter than the index says (a copy or write that did not finish).
+    """
+    path = Path(path)
+    state = load_checkpoint(path / TRAINER_FILE)
+    if state.get("layout") != ShardedCheckpointer.layout or "plain" not in state:
+        raise CheckpointError(f"{path} is not a sharded evamim checkpoint ({TRAINER_FILE} has no sharded layout marker)")
+    check_shards(path)
+    return state
+
+
+def check_shards(path: Path) -> None:
+    """Raise :class:`CheckpointError` if ``path``'s DCP index does not load or a shard is missing/truncated."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except (*_LOAD_ERRORS, AttributeError, ImportError) as err:
+        raise CheckpointError(f"cannot read the shard index of {path}: {type(err).__name__}: {str(err)[:300]}") from err
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        actual = shard.stat().st_size if shard.is_file() else None
+        if actual is None or actual < size:
+            raise CheckpointError(f"{path}: shard {name} is {'missing' if actual is None else f'{actual} bytes'}, "
+                                  f"the index needs {size} bytes (an interrupted copy or write?)")
+
+
+def prune_sharded_checkpoints(directory: Path, keep_last: int, newest: Path) -> None:
+    """Delete sharded checkpoints older than ``newest`` so that ``keep_last`` remain, and the partial or
+    replaced directories of saves that did not finish."""
+    newest_step = int(_DIR_NAME.match(newest.name).group(1))
+    older = [path for step, path in list_sharded_checkpoints(directory) if step < newest_step]
+    for path in older[: max(len(older) - (keep_last - 1), 0)]:
+        shutil.rmtree(path)
+        _log.info("deleted old checkpoint %s (keep_last=%d)", path, keep_last)
+    for leftover in list(directory.glob(f"{_TMP_PREFIX}*{_PARTIAL_SUFFIX}")) + list(directory.glob(f"{_TMP_PREFIX}*.old-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        _log.info("removed %s, left by a save that did not finish", leftover)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Rename the directory ``source`` to ``target``; an existing ``target`` (a stale checkpoint at the same
+    step, e.g. one that did not load) is moved aside first and deleted after."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+    os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_newer_other_layout(directory, own: list, other: list, layout: str) -> None:
+    """Resuming must not silently skip newer checkpoints that another strategy wrote."""
+    if not other or (own and own[-1][0] >= other[-1][0]):
+        return
+    step, path = other[-1]
+    if layout == "file":
+        raise CheckpointError(
+            f"{directory} holds a sharded (FSDP) checkpoint at step {step} ({path.name}) newer than any single-file one; "
+            "this run (distributed.strategy=ddp/zero1) cannot read it: resume with distributed.strategy=fsdp, or move "
+            "it away to resume from an older single-file checkpoint")
+    raise CheckpointError(
+        f"{directory} holds a single-file checkpoint at step {step} ({path.name}) newer than any sharded one; this run "
+        "(distributed.strategy=fsdp) cannot read it: resume with distributed.strategy=ddp or zero1, or move it away")
+
+
+def _barrier() -> None:
+    from evamim.engine.distributed import barrier
+
+    barrier()
+
+
+def _no_dist() -> bool:
+    """One process without a process group reads and writes every shard itself."""
+    from evamim.engine.distributed import get_world_size
+
+    return get_world_size() == 1
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process whenever there is no process group, even when told so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def split_tensors(tree: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Nested dicts -> ``(tensor leaves, every other leaf)``, both with the original nesting.
+    Empty dicts are kept on the plain side so that :func:`merge_trees` restores them."""
+    tensors, plain = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            sub_tensors, sub_plain = split_tensors(value)
+            if sub_tensors:
+                tensors[key] = sub_tensors
+            if sub_plain or not sub_tensors:
+                plain[key] = sub_plain
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            plain[key] = value
+    return tensors, plain
+
+
+def merge_trees(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict:
+    """The union of two nested dicts (inverse of :func:`split_tensors`)."""
+    merged = dict(first)
+    for key, value in second.items():
+        if key in merged and isinstance(merged[key], Mapping) and isinstance(value, Mapping):
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

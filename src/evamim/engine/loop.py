@@ -10,6 +10,11 @@ Gradient accumulation splits each batch from the data into ``grad_accum_steps`` 
 accumulation, so the step counter, the schedule, epochs and the saved data position mean the same thing
 with and without it, and the configured batch size is the batch the optimizer sees.
 
+Several processes (DDP, ZeRO-1, FSDP; see :mod:`evamim.engine.distributed`): every process runs the same
+loop on its own batches; the strategy's wrapper averages the gradients. The main process writes logs, and
+the logged metrics are averaged over processes first. How checkpoints are written (one file, or sharded
+directories) is the ``checkpointer``'s business (:mod:`evamim.engine.checkpoint`).
+
 ``step`` is the number of optimizer steps attempted so far: a step skipped for a non-finite loss or
 gradient still counts (its batch is consumed and the schedule moves on), so a run always ends at
 ``total_steps`` and a resumed run sees the same batches and learning rates at the same steps.
@@ -31,14 +36,12 @@ from torch import nn
 from evamim.engine.batching import infer_batch_size, split_batch
 from evamim.engine.checkpoint import (
     CheckpointConfig,
+    FileCheckpointer,
+    any_checkpoints,
     capture_rng_state,
     check_plain,
     checkpoint_dir,
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     restore_rng_state,
-    save_checkpoint,
 )
 from evamim.engine.data_cursor import DataCursor
 from evamim.engine.logging import MetricAverager, MetricsLogger, Throughput
@@ -126,7 +129,8 @@ class Trainer:
     """Runs ``step_fn`` over ``data`` with ``optimizer`` until ``total_steps``, resuming from ``out_dir``.
 
     Args:
-        model: the module to train; may be DDP-wrapped (checkpoints store the unwrapped ``state_dict``).
+        model: the module to train; may be wrapped by DDP or sharded by FSDP2 (checkpoints store the
+            unwrapped ``state_dict``, or what ``checkpointer`` says).
         step_fn: ``(model, batch) -> dict`` with a scalar ``loss`` tensor to minimise (a mean over the
             batch, so accumulation over equal micro-batches matches the full batch) and any other scalar
             metrics (tensors or floats); every entry is averaged over the log interval and logged.
@@ -150,6 +154,11 @@ class Trainer:
         all_gather: ``obj -> [obj of rank 0, obj of rank 1, ...]``, a collective every process calls
             (default with world_size > 1: ``torch.distributed.all_gather_object``).
         batch_size_fn: ``batch -> int``, if the batch size cannot be inferred from the batch's tensors.
+        checkpointer: writes and restores the model and optimizer state
+            (:class:`~evamim.engine.checkpoint.FileCheckpointer` of the unwrapped model by default;
+            :class:`~evamim.engine.checkpoint.ShardedCheckpointer` for FSDP).
+        reduce_metrics: ``dict[str, float] -> dict[str, float]``, a collective every process calls at each
+            log step with its averaged metrics (default with world_size > 1: the mean over processes).
     """
 
     def __init__(
@@ -172,6 +181,8 @@ class Trainer:
         world_size: int = 1,
         all_gather: Callable[[Any], list] | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
+        checkpointer: Any = None,
+        reduce_metrics: Callable[[Mapping[str, float]], Mapping[str, float]] | None = None,
     ):
         _validate_loop_config(loop)
         self.model = model
@@ -191,6 +202,9 @@ class Trainer:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         self.all_gather = all_gather if all_gather is not None else _all_gather_object
         self.batch_size_fn = batch_size_fn or infer_batch_size
+        self.checkpointer = checkpointer if checkpointer is not None else FileCheckpointer(
+            unwrap_model(model), optimizer, is_main_process=is_main_process)
+        self.reduce_metrics = reduce_metrics if reduce_metrics is not None else _all_reduce_mean
 
         self.cursor = DataCursor(data)
         self.steps_per_epoch = steps_per_epoch if steps_per_epoch is not None else _len_or_none(data)
@@ -305,7 +319,9 @@ class Trainer:
         if not params:
             return torch.zeros(())
         if self.optim_cfg.clip_grad:
-            return torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad).detach().float()
+            return _full(torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.clip_grad)).detach().float()
+        if _is_dtensor(params[0].grad):  # FSDP: each process holds shards; the norm needs all of them
+            return _full(torch.nn.utils.get_total_norm([p.grad for p in params])).detach().float()
         norms = torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])
         return torch.linalg.vector_norm(norms)
 
@@ -357,12 +373,16 @@ class Trainer:
             self.save()
 
     def _log_train(self, outcome: _StepOutcome) -> None:
+        metrics = self._averager.compute()
+        if self.world_size > 1:
+            # Every process computed its metrics on its own batches: log their mean (a collective).
+            metrics = dict(self.reduce_metrics(metrics))
         if not self.is_main_process:
             return
         record: dict[str, float] = {"epoch": self.cursor.epoch, "lr": outcome.lr}
         if outcome.weight_decay is not None:
             record["weight_decay"] = outcome.weight_decay
-        record.update(self._averager.compute())
+        record.update(metrics)
         record.update(self._throughput.compute())
         record["nonfinite_skipped"] = self.nonfinite_skipped
         if self.precision.loss_scale is not None:
@@ -386,10 +406,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        """Everything needed to continue this run exactly (see :mod:`evamim.engine.checkpoint`)."""
+        """Everything needed to continue this run exactly (see :mod:`evamim.engine.checkpoint`): the model and
+        optimizer state from the checkpointer, and the loop's own state. With several processes a collective."""
+        return {**self.checkpointer.model_optimizer_state(), **self._loop_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.checkpointer.load_model_optimizer_state(state)
+        self._load_loop_state(state)
+
+    def _loop_state(self) -> dict:
+        """The checkpoint without the model and optimizer (a collective with several processes)."""
         return {
-            "model": unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.precision.state_dict(),
             "per_rank": self._gather_per_rank_state(),
             "trainer": {"nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row},
@@ -397,9 +425,8 @@ class Trainer:
             "config": self.config,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _load_loop_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`_loop_state` saved; the model and optimizer are already restored."""
         self.precision.load_state_dict(state["scaler"])
         own = self._own_rank_state(state["per_rank"])
         self.cursor.load_state_dict(own["data"])
@@ -448,11 +475,10 @@ class Trainer:
         """Write a checkpoint for the current step; every process must call it (the per-process state is
         gathered), the main process writes it. Returns its path (None on the other processes)."""
         self._saved_step = self.step
-        state = self.state_dict()
-        path = None
+        path = self.checkpointer.save(checkpoint_dir(self.out_dir), self.step, self.ckpt_cfg.keep_last,
+                                      self._loop_state())
         if self.is_main_process:
-            path = self.last_checkpoint = save_checkpoint(state, checkpoint_dir(self.out_dir), self.step,
-                                                          self.ckpt_cfg.keep_last)
+            self.last_checkpoint = path
         if self.world_size > 1:
             self.all_gather(None)  # a barrier: no process reads checkpoints/ before the write is complete
         return path
@@ -465,22 +491,22 @@ class Trainer:
         mode = self.ckpt_cfg.resume
         directory = checkpoint_dir(self.out_dir)
         if mode == "never":
-            existing = list_checkpoints(directory)
+            existing = any_checkpoints(directory)
             if existing:
                 raise FileExistsError(
                     f"checkpoint.resume=never but {directory} already holds {len(existing)} checkpoints; use a new "
                     "output directory, or checkpoint.resume=auto to continue that run")
             return None
         if mode == "auto":
-            found = find_latest_checkpoint(directory)
+            found = self.checkpointer.load_latest(directory)
             if found is None:
                 _log.info("no checkpoint in %s: starting at step 0", directory)
                 return None
             path, state = found
         else:
             path = Path(mode)
-            state = load_checkpoint(path)
-        self.load_state_dict(state)
+            state = self.checkpointer.load(path)
+        self._load_loop_state(state)
         self.last_checkpoint = path
         self._saved_step = self.step
         _log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.cursor.epoch)
@@ -501,9 +527,30 @@ def _all_gather_object(obj: Any) -> list:
     return gathered
 
 
+def _all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
+    from evamim.engine.distributed import all_reduce_mean
+
+    return all_reduce_mean(values)
+
+
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Skip the gradient synchronisation of this backward: DDP's ``no_sync()``, FSDP2's
+    ``set_requires_gradient_sync(False)``; nothing for an unwrapped model."""
     no_sync = getattr(model, "no_sync", None)
-    return no_sync() if callable(no_sync) else contextlib.nullcontext()
+    if callable(no_sync):
+        return no_sync()
+    from evamim.engine.distributed import fsdp_no_sync, is_fsdp
+
+    return fsdp_no_sync(model) if is_fsdp(model) else contextlib.nullcontext()
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return callable(getattr(tensor, "full_tensor", None))
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value as a plain tensor (a collective for sharded or partial ones); others as they are."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
 def _check_output(output: Any) -> torch.Tensor:

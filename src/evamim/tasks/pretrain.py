@@ -4,6 +4,11 @@ config -> teacher (frozen, outside any wrapper) + student (EvaViT with mask toke
 teacher's features) + block masks drawn in the collate step + the objective -> the shared training loop.
 Everything that can be checked is checked before the first batch: config keys and types, batch size vs
 accumulation, model and objective names, the teacher spec and its weights.
+
+Several processes (``torchrun -m evamim pretrain``, or one ``srun`` task per GPU): every process builds the
+teacher and the student from the same seed, the loader gives each its share of every global batch
+(``batch_size`` per process), and ``distributed.strategy`` decides how the student is shared (DDP, ZeRO-1,
+FSDP2; see docs/multi-node.md). Only the main process writes the config, logs, summary and exported model.
 """
 
 from __future__ import annotations
@@ -21,9 +26,20 @@ import torch
 from evamim.config import ConfigError, load_config, save_config, to_dict
 from evamim.data.config import DataConfig
 from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig, Trainer, TrainResult, build_optimizer
+from evamim.engine.checkpoint import FileCheckpointer, ShardedCheckpointer
+from evamim.engine.distributed import (
+    DistributedConfig,
+    DistributedEnvError,
+    DistributedState,
+    build_optimizer_for_strategy,
+    destroy_distributed,
+    init_distributed,
+    read_launch_env,
+    wrap_model,
+)
+from evamim.engine.optim import param_groups
 from evamim.models.presets import list_models, model_config
 from evamim.models.vit import EvaViTConfig
-from evamim.tasks.common import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +98,9 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=150))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """How several processes share the student (docs/multi-node.md); unused by a one-process run except
+    for the checkpoint format (``fsdp``: sharded directories)."""
     objective: str = "clip_mim"
     """``clip_mim`` (EVA), ``feature_distill`` or ``pixel_mim`` (the paper's pilot comparison)."""
     batch_size: int = 256
@@ -119,6 +138,12 @@ def validate(config: PretrainConfig) -> None:
         problems.append(f"teacher.spec: {error}")
     if config.teacher.dtype not in (None, "fp32", "bf16", "fp16"):
         problems.append(f"teacher.dtype must be null, fp32, bf16 or fp16, got {config.teacher.dtype!r}")
+    problems.extend(config.distributed.problems())
+    if config.distributed.strategy == "fsdp" and config.loop.precision == "fp16":
+        problems.append(
+            "distributed.strategy=fsdp with loop.precision=fp16 is not supported: each process would check only its "
+            "own gradient shards for overflows and the processes could disagree on the loss scale; use "
+            "loop.precision=bf16, or strategy ddp/zero1 for fp16")
     if not problems:
         try:
             student_config(config, mim_head_dim=1)
@@ -166,20 +191,21 @@ def build_mask_generator(config: PretrainConfig, grid: tuple[int, int]):
 
 # ------------------------------------------------------------------------------------------------ the run
 class PretrainStep:
-    """The objective as the loop sees it: ``(student, batch) -> dict``, teacher targets computed inside.
+    """The objective as the loop sees it: ``(model, batch) -> dict``, teacher targets computed inside.
 
-    The teacher is called under the loop's autocast but outside autograd; it is never wrapped by DDP/FSDP.
+    ``model`` is the ``ObjectiveModule`` (student + objective), possibly wrapped by DDP or sharded by FSDP:
+    calling it runs the objective through the wrapper, so gradients are synchronised. The teacher is
+    called under the loop's autocast but outside autograd; it is never wrapped.
     """
 
-    def __init__(self, objective, teacher, device: torch.device):
-        self.objective = objective
+    def __init__(self, teacher, device: torch.device):
         self.teacher = teacher
         self.device = device
 
-    def __call__(self, student: torch.nn.Module, batch: dict) -> dict:
+    def __call__(self, model: torch.nn.Module, batch: dict) -> dict:
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         targets = self.teacher(batch["images"]) if self.teacher is not None else None
-        return self.objective(student, batch, targets)
+        return model(batch, targets)
 
 
 def build_teacher(config: PretrainConfig, grid: tuple[int, int], device: torch.device):
@@ -200,46 +226,58 @@ def run_pretrain(config: PretrainConfig, hooks: tuple = ()) -> TrainResult:
     """Pre-train and write ``output_dir/{config.yaml, metrics.jsonl, tensorboard, checkpoints, model, summary.json}``.
 
     Re-running with the same output_dir resumes from the newest checkpoint that loads. ``hooks`` are
-    ``evamim.engine.Hook`` instances passed to the loop (evaluation, EMA, early stops).
+    ``evamim.engine.Hook`` instances passed to the loop (evaluation, EMA, early stops). Under torchrun or
+    srun this joins the other processes first (and leaves the process group at the end); a process group
+    that the caller initialised is used as it is.
     """
-    from evamim.data.loader import build_loader
-    from evamim.models.checkpoint import load_weights, save_pretrained
-    from evamim.models.vit import EvaViT
-    from evamim.pretrain.objectives import get_objective
-
     validate(config)
     try:
-        device = resolve_device(config.device)
+        state = init_distributed(config.distributed, config.device)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    result = _pretrain(config, state, hooks)
+    # Only after a clean finish: destroying the group is itself a collective handshake, and after an error
+    # the other processes may be stuck in a collective, so the process exits with the error instead (the
+    # collective timeout ends the others, and torchrun stops them when one process fails).
+    destroy_distributed(state)
+    return result
+
+
+def _pretrain(config: PretrainConfig, state: DistributedState, hooks: tuple) -> TrainResult:
+    from evamim.data.loader import build_loader
+    from evamim.pretrain.objectives import ObjectiveModule, get_objective
+
+    device, main = state.device, state.is_main_process
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.yaml")
+    if main:
+        save_config(config, output_dir / "config.yaml")
 
     grid = student_config(config, mim_head_dim=1).grid_size
     objective_options = {"mean": config.data.mean, "std": config.data.std} if config.objective == "pixel_mim" else {}
     objective = get_objective(config.objective, **objective_options)
     teacher = build_teacher(config, grid, device) if objective.needs_teacher else None
-    patch_size = model_config(config.model.name, **config.model.options).patch_size
-    head_dim = teacher.embed_dim if teacher is not None else patch_size * patch_size * 3
-    student = EvaViT(student_config(config, mim_head_dim=head_dim))
-    if config.model.pretrained:
-        report = load_weights(student, config.model.pretrained)
-        logger.info("initial weights: %s", report)
-    student.to(device)
+    student = build_student(config, teacher, device)
+    # The initial weights are the same on every process; the random draws of training (drop path) are not.
+    torch.manual_seed(config.seed + state.rank)
     logger.info(
-        "student %s: %.1fM parameters, %dx%d patches; teacher %s -> %s targets",
+        "student %s: %.1fM parameters, %dx%d patches; teacher %s -> %s targets; %d process(es), strategy %s",
         config.model.name, sum(p.numel() for p in student.parameters()) / 1e6, grid[0], grid[1],
-        config.teacher.spec if teacher is not None else "none", head_dim,
+        config.teacher.spec if teacher is not None else "none", student.lm_head.out_features, state.world_size,
+        config.distributed.strategy,
     )
 
     mask_generator = build_mask_generator(config, grid) if objective.uses_masks else None
     loader = build_loader(config.data, batch_size=config.batch_size, purpose="pretrain", mask_generator=mask_generator)
-    optimizer = build_optimizer(student, config.optim)
+    # The student has no running statistics: its buffers (RoPE tables) are identical everywhere.
+    model = wrap_model(ObjectiveModule(student, objective), config.distributed, device=device,
+                       world_size=state.world_size, shard_units=student.blocks, sync_buffers=False)
+    optimizer = build_training_optimizer(student, config, state.world_size)
+    checkpointer_class = ShardedCheckpointer if config.distributed.strategy == "fsdp" else FileCheckpointer
     trainer = Trainer(
-        student,
-        PretrainStep(objective, teacher, device),
+        model,
+        PretrainStep(teacher, device),
         loader,
         optimizer,
         optim=config.optim,
@@ -248,9 +286,34 @@ def run_pretrain(config: PretrainConfig, hooks: tuple = ()) -> TrainResult:
         out_dir=output_dir,
         config=to_dict(config),
         hooks=hooks,
+        is_main_process=main,
+        rank=state.rank,
+        world_size=state.world_size,
+        checkpointer=checkpointer_class(student, optimizer, is_main_process=main),
     )
     result = trainer.train()
-    model_dir = save_pretrained(student, output_dir / "model")
+    model_dir = export_model(student, output_dir / "model", is_main_process=main)
+    if main:
+        _write_summary(output_dir, result, model_dir, state.world_size, config.distributed.strategy)
+    return result
+
+
+def build_student(config: PretrainConfig, teacher, device: torch.device) -> torch.nn.Module:
+    """The student EvaViT on ``device``, its lm_head as wide as the teacher's features (or a p x p x 3 pixel
+    patch without a teacher), from ``model.pretrained`` if set. Call after seeding: the init is random."""
+    from evamim.models.checkpoint import load_weights
+    from evamim.models.vit import EvaViT
+
+    patch_size = model_config(config.model.name, **config.model.options).patch_size
+    head_dim = teacher.embed_dim if teacher is not None else patch_size * patch_size * 3
+    student = EvaViT(student_config(config, mim_head_dim=head_dim))
+    if config.model.pretrained:
+        report = load_weights(student, config.model.pretrained)
+        logger.info("initial weights: %s", report)
+    return student.to(device)
+
+
+def _write_summary(output_dir: Path, result: TrainResult, model_dir: Path, processes: int, strategy: str) -> None:
     summary = {
         "steps": result.step,
         "nonfinite_skipped": result.nonfinite_skipped,
@@ -258,9 +321,48 @@ def run_pretrain(config: PretrainConfig, hooks: tuple = ()) -> TrainResult:
         "final_metrics": {k: float(v) for k, v in (result.metrics or {}).items()},
         "model_dir": str(model_dir),
         "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+        "processes": processes,
+        "strategy": strategy,
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
+
+
+def build_training_optimizer(student: torch.nn.Module, config: PretrainConfig, world_size: int) -> torch.optim.Optimizer:
+    """``optim`` over the student's parameter groups (weight-decay exemptions, layer decay); under ``zero1``
+    with several processes each process keeps the optimizer state of its share of the parameters."""
+    optim = config.optim
+    groups = param_groups(student, optim.weight_decay, layer_decay=optim.layer_decay)
+    return build_optimizer_for_strategy(
+        config.distributed.strategy, groups, lambda share: build_optimizer(student, optim, groups=share),
+        world_size=world_size, defaults={"lr": optim.lr, "weight_decay": optim.weight_decay},
+    )
+
+
+def export_model(student: torch.nn.Module, directory: Path, *, is_main_process: bool) -> Path:
+    """``save_pretrained`` of the student's full weights into ``directory`` by the main process.
+
+    An FSDP-sharded student is gathered first (a collective: every process calls this), onto the main
+    process's CPU, shard by shard, then loaded into a weightless copy of the model, so no process needs
+    room for a second model on its device.
+    """
+    from evamim.models.checkpoint import save_pretrained
+    from evamim.models.vit import EvaViT
+
+    if not _is_sharded(student):
+        return save_pretrained(student, directory) if is_main_process else directory
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main_process:
+        return directory
+    with torch.device("meta"):
+        plain = EvaViT(student.config)
+    plain.load_state_dict(full, assign=True)
+    return save_pretrained(plain, directory)
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    return any(callable(getattr(p, "full_tensor", None)) for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -270,15 +372,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("EVAMIM_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
     from evamim.teachers import TeacherWeightsNotFoundError
 
     try:
+        rank = _configure_logging()
         config = load_config(PretrainConfig, args.config, args.overrides)
         validate(config)
         result = run_pretrain(config)
-    except (ConfigError, TeacherWeightsNotFoundError) as error:
+    except (ConfigError, TeacherWeightsNotFoundError, DistributedEnvError) as error:
         print(f"evamim pretrain: {error}")
         return 2
-    print(f"done: {result.step} steps, model saved to {Path(config.output_dir) / 'model'}")
+    if rank == 0:
+        print(f"done: {result.step} steps, model saved to {Path(config.output_dir) / 'model'}")
     return 0
+
+
+def _configure_logging() -> int:
+    """Console logging: INFO (or ``EVAMIM_LOG_LEVEL``) on the main process; warnings and errors only, tagged
+    with the rank, on the others. Returns this process's rank (from the launch environment)."""
+    env = read_launch_env(use_scontrol=False)  # only the rank matters here
+    level = os.environ.get("EVAMIM_LOG_LEVEL", "INFO")
+    prefix = f"[rank {env.rank}] " if env.distributed else ""
+    logging.basicConfig(level=level if env.rank == 0 else "WARNING",
+                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s")
+    return env.rank
