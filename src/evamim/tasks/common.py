@@ -81,3 +81,41 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == labels.unsqueeze(-1)
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=-1).float().mean().item() for k in ks}
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def add_config_arguments(parser, example_config: str, example_overrides: str) -> None:
+    """The arguments every config-driven command takes: ``--config FILE`` and ``key=value`` overrides."""
+    parser.add_argument("--config", help=f"YAML recipe (deltas over the defaults), e.g. {example_config}")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"e.g. {example_overrides}")
+
+
+def configure_logging() -> int:
+    """Console logging: INFO (or ``EVAMIM_LOG_LEVEL``) on the main process; warnings and errors only, tagged
+    with the rank, on the others. Returns this process's rank (from the launch environment)."""
+    import logging
+    import os
+
+    from evamim.engine.distributed import read_launch_env
+
+    env = read_launch_env(use_scontrol=False)  # only the rank matters here
+    level = os.environ.get("EVAMIM_LOG_LEVEL", "INFO")
+    prefix = f"[rank {env.rank}] " if env.distributed else ""
+    logging.basicConfig(level=level if env.rank == 0 else "WARNING",
+                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s")
+    return env.rank
+
+
+def run_config_command(command: str, schema: type, run_fn, args, extra_errors: tuple = ()):
+    """Load ``schema`` from ``args`` and call ``run_fn(config)``; a config or missing-file error is printed as
+    ``evamim COMMAND: ...`` instead of a traceback. Returns (exit code, config, result, rank)."""
+    from evamim.config import ConfigError, load_config
+
+    rank = configure_logging()
+    try:
+        config = load_config(schema, args.config, args.overrides)
+        result = run_fn(config)
+    except (ConfigError, FileNotFoundError, *extra_errors) as error:
+        print(f"evamim {command}: {error}")
+        return 2, None, None, rank
+    return 0, config, result, rank

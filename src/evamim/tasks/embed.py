@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evamim.config import ConfigError, load_config
+from evamim.config import ConfigError
 from evamim.data.config import DataConfig
-from evamim.tasks.common import BackboneSection, format_table, write_results
+from evamim.tasks.common import (
+    BackboneSection,
+    add_config_arguments,
+    format_table,
+    run_config_command,
+    write_results,
+)
 from evamim.tasks.features import (
     FeatureRequest,
     FeatureSet,
@@ -158,19 +163,9 @@ def _run(config: EmbedConfig, device: torch.device) -> dict[str, Any] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (deltas over the defaults)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="e.g. backbone.pretrained=runs/pretrain/model data.source=folder data.path=/photos format=safetensors",
-    )
+    add_config_arguments(parser, "a YAML file with the keys below",
+                         "backbone.pretrained=runs/pretrain/model data.source=folder data.path=/photos format=safetensors")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("EVAMIM_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        config = load_config(EmbedConfig, args.config, args.overrides)
-        run_embed(config)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"evamim embed: {error}")
-        return 2
-    return 0
+    return run_config_command("embed", EmbedConfig, run_embed, args)[0]

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,15 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evamim.config import ConfigError, load_config, save_config, to_dict
+from evamim.config import ConfigError, save_config, to_dict
 from evamim.data.config import DataConfig
-from evamim.engine import CheckpointConfig, Hook, LoopConfig, OptimConfig, Trainer, build_optimizer, unwrap_model
+from evamim.engine import (
+    CheckpointConfig,
+    Hook,
+    LoopConfig,
+    OptimConfig,
+    Trainer,
+    build_optimizer,
+    unwrap_model,
+)
 from evamim.engine.ema import EmaConfig, ModelEma
 from evamim.tasks.common import (
     BackboneSection,
+    add_config_arguments,
     format_table,
     load_backbone,
     resolve_device,
+    run_config_command,
     topk_accuracy,
     write_results,
 )
@@ -524,22 +533,16 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (deltas over the defaults), e.g. configs/finetune/eva_b16_in1k.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="e.g. backbone.pretrained=runs/pretrain/model data.path=/data/in1k/train")
+    add_config_arguments(parser, "configs/finetune/eva_b16_in1k.yaml",
+                         "backbone.pretrained=runs/pretrain/model data.path=/data/in1k/train")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("EVAMIM_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        config = load_config(FinetuneConfig, args.config, args.overrides)
-        results = run_finetune(config)
-    except ConfigError as error:
-        print(f"evamim finetune: {error}")
-        return 2
-    print(f"results: {Path(config.output_dir) / 'results.json'}")
-    print(results_table(results))
-    return 0
+    code, config, results, _ = run_config_command("finetune", FinetuneConfig, run_finetune, args)
+    if code == 0:
+        print(f"results: {Path(config.output_dir) / 'results.json'}")
+        print(results_table(results))
+    return code
 
 
 __all__ = [

@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from evamim.config import ConfigError, load_config
+from evamim.config import ConfigError
 from evamim.data.config import DataConfig
-from evamim.tasks.common import BackboneSection, format_table, write_results
+from evamim.tasks.common import (
+    BackboneSection,
+    add_config_arguments,
+    format_table,
+    run_config_command,
+    write_results,
+)
 from evamim.tasks.features import (
     FeatureRequest,
     ValDataSection,
@@ -216,19 +221,9 @@ def _run(config: KnnConfig, device: torch.device) -> dict[str, Any] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (deltas over the defaults), e.g. configs/eval/knn_in1k.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="e.g. backbone.pretrained=runs/pretrain/model data.path=/data/in1k/train val_data.path=/data/in1k/val",
-    )
+    add_config_arguments(parser, "configs/eval/knn_in1k.yaml",
+                         "backbone.pretrained=runs/pretrain/model data.path=/data/in1k/train val_data.path=/data/in1k/val")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("EVAMIM_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        config = load_config(KnnConfig, args.config, args.overrides)
-        run_knn(config)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"evamim knn: {error}")
-        return 2
-    return 0
+    return run_config_command("knn", KnnConfig, run_knn, args)[0]

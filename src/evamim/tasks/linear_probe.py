@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,20 +37,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evamim.config import ConfigError, load_config
+from evamim.config import ConfigError
 from evamim.data.config import DataConfig
 from evamim.engine import OptimConfig, build_optimizer, lr_at, set_hparams
-from evamim.tasks.common import BackboneSection, format_table, topk_accuracy, write_results
+from evamim.tasks.common import (
+    BackboneSection,
+    add_config_arguments,
+    format_table,
+    run_config_command,
+    topk_accuracy,
+    write_results,
+)
 from evamim.tasks.features import (
     FeatureRequest,
     FeatureSet,
     ValDataSection,
     check_backbone_and_data,
-    class_problems,
     check_features,
+    class_problems,
+    evaluation_process,
     feature_dim,
     features_for,
-    evaluation_process,
     features_from_batches,
     is_main_process,
     prepare_backbone,
@@ -549,20 +555,10 @@ def save_head(heads: ProbeHeads, best: Mapping[str, Any], path: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (deltas over the defaults), e.g. configs/eval/linprobe_in1k.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="e.g. backbone.pretrained=runs/pretrain/model data.path=/data/in1k/train val_data.path=/data/in1k/val "
-        "'probe.lrs=[0.3,1,3]' 'features=[cls,last4+avg]'",
-    )
+    add_config_arguments(parser, "configs/eval/linprobe_in1k.yaml",
+                         "backbone.pretrained=runs/pretrain/model data.path=/data/in1k/train val_data.path=/data/in1k/val "
+                         "'probe.lrs=[0.3,1,3]' 'features=[cls,last4+avg]'")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("EVAMIM_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        config = load_config(LinearProbeConfig, args.config, args.overrides)
-        run_linear_probe(config)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"evamim linprobe: {error}")
-        return 2
-    return 0
+    return run_config_command("linprobe", LinearProbeConfig, run_linear_probe, args)[0]

@@ -23,9 +23,16 @@ from typing import Any
 
 import torch
 
-from evamim.config import ConfigError, load_config, save_config, to_dict
+from evamim.config import ConfigError, save_config, to_dict
 from evamim.data.config import DataConfig
-from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig, Trainer, TrainResult, build_optimizer
+from evamim.engine import (
+    CheckpointConfig,
+    LoopConfig,
+    OptimConfig,
+    Trainer,
+    TrainResult,
+    build_optimizer,
+)
 from evamim.engine.checkpoint import FileCheckpointer, ShardedCheckpointer
 from evamim.engine.distributed import (
     DistributedConfig,
@@ -40,6 +47,7 @@ from evamim.engine.distributed import (
 from evamim.engine.optim import param_groups
 from evamim.models.presets import list_models, model_config
 from evamim.models.vit import EvaViTConfig
+from evamim.tasks.common import add_config_arguments, run_config_command
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +358,10 @@ def export_model(student: torch.nn.Module, directory: Path, *, is_main_process: 
 
     if not _is_sharded(student):
         return save_pretrained(student, directory) if is_main_process else directory
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main_process:
@@ -367,24 +378,15 @@ def _is_sharded(module: torch.nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------------------------ the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML recipe (deltas over the defaults), e.g. configs/pretrain/eva_b16_in1k.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.path=/data/in1k optim.lr=5e-4")
+    add_config_arguments(parser, "configs/pretrain/eva_b16_in1k.yaml", "data.path=/data/in1k optim.lr=5e-4")
 
 
 def run(args: argparse.Namespace) -> int:
-    from evamim.teachers import TeacherWeightsNotFoundError
-
-    try:
-        rank = _configure_logging()
-        config = load_config(PretrainConfig, args.config, args.overrides)
-        validate(config)
-        result = run_pretrain(config)
-    except (ConfigError, TeacherWeightsNotFoundError, DistributedEnvError) as error:
-        print(f"evamim pretrain: {error}")
-        return 2
-    if rank == 0:
+    code, config, result, rank = run_config_command("pretrain", PretrainConfig, run_pretrain, args,
+                                                    extra_errors=(DistributedEnvError,))
+    if code == 0 and rank == 0:
         print(f"done: {result.step} steps, model saved to {Path(config.output_dir) / 'model'}")
-    return 0
+    return code
 
 
 def _configure_logging() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,11 +24,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evamim.config import ConfigError, load_config, save_config, to_dict
+from evamim.config import ConfigError, save_config, to_dict
 from evamim.data.segmentation import IGNORE_INDEX, SegDataConfig
-from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig, Precision, Trainer, build_optimizer
+from evamim.engine import (
+    CheckpointConfig,
+    LoopConfig,
+    OptimConfig,
+    Precision,
+    Trainer,
+    build_optimizer,
+)
 from evamim.models.seg_heads import HEAD_KINDS
-from evamim.tasks.common import BackboneSection, format_table, load_backbone, resolve_device, write_results
+from evamim.tasks.common import (
+    BackboneSection,
+    add_config_arguments,
+    format_table,
+    load_backbone,
+    resolve_device,
+    run_config_command,
+    write_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +128,7 @@ def backbone_overrides(config: SegmentConfig) -> dict[str, Any]:
 def _check_backbone_config(config: SegmentConfig) -> str | None:
     from evamim.models.checkpoint import read_config
     from evamim.models.presets import model_config
-    from evamim.models.vit import EvaViTConfig
-
-    from evamim.models.vit import feature_take_indices
+    from evamim.models.vit import EvaViTConfig, feature_take_indices
 
     overrides = {**config.backbone.options, **backbone_overrides(config)}
     try:
@@ -408,23 +420,16 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config",
-                        help="YAML recipe (deltas over the defaults), e.g. configs/segment/eva_b16_ade20k_upernet.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="e.g. backbone.pretrained=runs/pretrain/model data.root=/data/ADEChallengeData2016")
+    add_config_arguments(parser, "configs/segment/eva_b16_ade20k_upernet.yaml",
+                         "backbone.pretrained=runs/pretrain/model data.root=/data/ADEChallengeData2016")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=os.environ.get("EVAMIM_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        config = load_config(SegmentConfig, args.config, args.overrides)
-        results = run_segmentation(config)
-    except ConfigError as error:
-        print(f"evamim segment: {error}")
-        return 2
-    print(f"results: {Path(config.output_dir) / 'results.json'}")
-    print(results_table(results))
-    return 0
+    code, config, results, _ = run_config_command("segment", SegmentConfig, run_segmentation, args)
+    if code == 0:
+        print(f"results: {Path(config.output_dir) / 'results.json'}")
+        print(results_table(results))
+    return code
 
 
 __all__ = [
