@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ from evamim.engine.distributed import (
     build_optimizer_for_strategy,
     destroy_distributed,
     init_distributed,
-    read_launch_env,
     wrap_model,
 )
 from evamim.engine.optim import param_groups
@@ -388,13 +386,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"done: {result.step} steps, model saved to {Path(config.output_dir) / 'model'}")
     return code
 
-
-def _configure_logging() -> int:
-    """Console logging: INFO (or ``EVAMIM_LOG_LEVEL``) on the main process; warnings and errors only, tagged
-    with the rank, on the others. Returns this process's rank (from the launch environment)."""
-    env = read_launch_env(use_scontrol=False)  # only the rank matters here
-    level = os.environ.get("EVAMIM_LOG_LEVEL", "INFO")
-    prefix = f"[rank {env.rank}] " if env.distributed else ""
-    logging.basicConfig(level=level if env.rank == 0 else "WARNING",
-                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s")
-    return env.rank
