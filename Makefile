@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # Tested versions; torch==2.13.0 keeps pip on the CPU build instead of pulling CUDA wheels.
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
