@@ -375,3 +375,12 @@ def test_local_teacher_from_an_evamim_directory(tmp_path):
     assert teacher.embed_dim == 48
     torch.testing.assert_close(teacher(images), tokens, rtol=1e-5, atol=1e-5)
     assert create_teacher(f"local:{tmp_path / 'eva'}", student_grid=(3, 3))(torch.randn(2, 3, 48, 48)).shape == (2, 9, 48)
+
+
+def test_random_tag_builds_the_architecture_without_weights(clip_files):
+    from evamim.teachers import create_teacher
+
+    teacher = create_teacher("open_clip:evamim-test-vit/random", dtype="fp32")
+    targets = teacher(torch.randn(2, 3, 32, 32))
+    assert targets.shape[0] == 2 and targets.shape[-1] == teacher.embed_dim
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -28,9 +28,9 @@ from evamim.teachers.hub import cached_hub_file, safetensors_first, why_no_downl
 from evamim.teachers.timm import TimmTokens
 
 logger = logging.getLogger(__name__)
+
 # 'open_clip:MODEL/random': the architecture with random weights, no download (benchmarks, smoke tests).
 RANDOM_INIT_TAG = "random"
-
 
 
 class OpenClipTokens(TokenEncoder):
