@@ -120,11 +120,12 @@ def test_pretraining_on_a_folder_with_a_corrupt_file_skips_it(teacher_dir, tmp_p
         ("model.name=eva_huge_p16", "not a preset"),
         ("objective=mae", "unknown"),
         ("data.image_size=30", "not divisible by patch_size"),
+        ("optim.warmup_steps=50 loop.total_steps=10 loop.epochs=null", "longer than the run"),
     ],
 )
 def test_bad_configs_fail_before_any_work_with_a_fix(tmp_path, override, message, capsys):
     output = tmp_path / "never"
-    code = main(["pretrain", "data.source=synthetic", f"output_dir={output}", override])
+    code = main(["pretrain", "data.source=synthetic", f"output_dir={output}", *override.split()])
     assert code == 2
     assert message in capsys.readouterr().out
     assert not output.exists()  # nothing was created

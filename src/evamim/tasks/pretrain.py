@@ -144,6 +144,9 @@ def validate(config: PretrainConfig) -> None:
         problems.append(f"teacher.spec: {error}")
     if config.teacher.dtype not in (None, "fp32", "bf16", "fp16"):
         problems.append(f"teacher.dtype must be null, fp32, bf16 or fp16, got {config.teacher.dtype!r}")
+    total, warmup = config.loop.total_steps, config.optim.warmup_steps
+    if total is not None and warmup is not None and warmup > total:
+        problems.append(f"optim.warmup_steps {warmup} is longer than the run (loop.total_steps {total}): lower it")
     problems.extend(config.distributed.problems())
     if config.distributed.strategy == "fsdp" and config.loop.precision == "fp16":
         problems.append(
