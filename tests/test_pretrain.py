@@ -121,6 +121,7 @@ def test_pretraining_on_a_folder_with_a_corrupt_file_skips_it(teacher_dir, tmp_p
         ("objective=mae", "unknown"),
         ("data.image_size=30", "not divisible by patch_size"),
         ("optim.warmup_steps=50 loop.total_steps=10 loop.epochs=null", "longer than the run"),
+        ("data.source=folder data.path=/nonexistent/images", "data.path /nonexistent/images does not exist"),
     ],
 )
 def test_bad_configs_fail_before_any_work_with_a_fix(tmp_path, override, message, capsys):
@@ -139,9 +140,9 @@ def test_missing_teacher_weights_fail_fast_with_instructions(tmp_path, capsys):
     assert "nope" in out and not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_recipes_load_and_validate():
+def test_recipes_load_and_validate(tmp_path):
     for recipe in sorted(Path(__file__).resolve().parents[1].glob("configs/pretrain/*.yaml")):
-        config = load_config(PretrainConfig, recipe, ["data.path=/data"])
+        config = load_config(PretrainConfig, recipe, [f"data.path={tmp_path}"])
         validate(config)
     paper = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs/pretrain/eva_g14_merged30m.yaml",
                         ["data.path=/data"])

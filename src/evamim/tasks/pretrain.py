@@ -144,6 +144,8 @@ def validate(config: PretrainConfig) -> None:
         problems.append(f"teacher.spec: {error}")
     if config.teacher.dtype not in (None, "fp32", "bf16", "fp16"):
         problems.append(f"teacher.dtype must be null, fp32, bf16 or fp16, got {config.teacher.dtype!r}")
+    if config.data.source in ("folder", "list") and not Path(config.data.path).exists():
+        problems.append(f"data.path {config.data.path} does not exist (data.source={config.data.source})")
     total, warmup = config.loop.total_steps, config.optim.warmup_steps
     if total is not None and warmup is not None and warmup > total:
         problems.append(f"optim.warmup_steps {warmup} is longer than the run (loop.total_steps {total}): lower it")
