@@ -48,3 +48,16 @@ def test_already_imported_torchvision_is_left_alone():
         "print(compat.ensure_torchvision_importable())\n"
     )
     assert out.split() == ["False"]
+
+
+def test_core_import_stays_light():
+    """``import evamim`` and building a model must not pull in timm, open_clip, transformers or torchvision."""
+    code = (
+        "import sys, evamim\n"
+        "evamim.create_model('eva_tiny_p16', depth=1)\n"
+        "heavy = [m for m in ('timm', 'open_clip', 'transformers', 'torchvision', 'webdataset') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
