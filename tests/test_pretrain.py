@@ -150,3 +150,25 @@ def test_recipes_load_and_validate(tmp_path):
     assert paper.teacher.spec == "open_clip:ViT-L-14-quickgelu/openai" and paper.batch_size * 128 == 4096
     with pytest.raises(ConfigError, match="masking.kind must be 'block' or 'random'"):
         validate(load_config(PretrainConfig, None, ["masking.kind=grid"]))
+
+
+def test_validation_loss_uses_a_fixed_mask_and_improves(teacher_dir, tmp_path):
+    """EVA's validation: every other patch masked, the loss averaged over all masked tokens of the set."""
+    from PIL import Image
+
+    from evamim.pretrain.masking import AlternatingMasking
+
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (32, 32), (25 * i, 255 - 25 * i, 128)).save(folder / f"{i}.png")
+    assert AlternatingMasking((4, 4))(1)[0].tolist() == [True, False] * 8
+    overrides = tiny_overrides(teacher_dir, tmp_path / "run", 30) + [
+        f"validation.path={folder}", "validation.source=folder", "loop.eval_every=10",
+    ]
+    run_pretrain(load_config(PretrainConfig, None, overrides))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] < 0
+    assert evals[-1]["eval/cos_masked"] == pytest.approx(-evals[-1]["eval/loss"])

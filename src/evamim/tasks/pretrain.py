@@ -94,6 +94,19 @@ class MaskingSection:
 
 
 @dataclass
+class ValidationSection:
+    """Held-out images scored with a fixed mask that hides every other patch (EVA's validation loss), every
+    ``loop.eval_every`` steps and at the end; logged as ``eval/loss`` and ``eval/cos_masked``."""
+
+    path: str | None = None
+    """Validation images (folder, list or shards, like ``data.path``); None = no validation."""
+    source: str | None = None
+    """Their kind; None = the same as ``data.source``."""
+    max_batches: int | None = None
+    """Score at most this many batches per evaluation (per process); None = all of them."""
+
+
+@dataclass
 class PretrainConfig:
     """Defaults reproduce the EVA recipe at ViT-B scale; configs/pretrain/*.yaml hold the deltas."""
 
@@ -104,6 +117,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=150))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """How several processes share the student (docs/multi-node.md); unused by a one-process run except
     for the checkpoint format (``fsdp``: sharded directories)."""
@@ -146,6 +160,9 @@ def validate(config: PretrainConfig) -> None:
         problems.append(f"teacher.dtype must be null, fp32, bf16 or fp16, got {config.teacher.dtype!r}")
     if config.data.source in ("folder", "list") and not Path(config.data.path).exists():
         problems.append(f"data.path {config.data.path} does not exist (data.source={config.data.source})")
+    val_source = config.validation.source or config.data.source
+    if config.validation.path is not None and val_source in ("folder", "list") and not Path(config.validation.path).exists():
+        problems.append(f"validation.path {config.validation.path} does not exist")
     total, warmup = config.loop.total_steps, config.optim.warmup_steps
     if total is not None and warmup is not None and warmup > total:
         problems.append(f"optim.warmup_steps {warmup} is longer than the run (loop.total_steps {total}): lower it")
@@ -219,6 +236,48 @@ class PretrainStep:
         return model(batch, targets)
 
 
+class MaskedValidation:
+    """``eval_fn`` of the loop: the objective over a validation loader, averaged over every masked token of
+    the whole set (all processes), so the number does not depend on batch size or process count."""
+
+    def __init__(self, loader, step: PretrainStep, max_batches: int | None):
+        self.loader = loader
+        self.step = step
+        self.max_batches = max_batches
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        self.loader.set_epoch(0)  # the same images every time, from the first
+        totals = torch.zeros(3, dtype=torch.float64, device=self.step.device)  # loss sum, cos sum, tokens
+        for index, batch in enumerate(self.loader):
+            if self.max_batches is not None and index >= self.max_batches:
+                break
+            output = self.step(model, batch)
+            weight = output["num_masked"] if "num_masked" in output else torch.tensor(float(len(batch["images"])))
+            cosine = output.get("cos_masked", -output["loss"])
+            totals += torch.stack([output["loss"] * weight, cosine * weight, weight]).double().to(totals.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        if totals[2] == 0:
+            raise ValueError("validation: no batch was scored; check validation.path and validation.max_batches")
+        return {"loss": float(totals[0] / totals[2]), "cos_masked": float(totals[1] / totals[2])}
+
+
+def build_validation(config: PretrainConfig, grid: tuple[int, int], step: PretrainStep) -> MaskedValidation | None:
+    """The validation evaluator, or None when ``validation.path`` is not set."""
+    import dataclasses
+
+    from evamim.data.loader import build_loader
+    from evamim.pretrain.masking import AlternatingMasking
+
+    section = config.validation
+    if section.path is None:
+        return None
+    data = dataclasses.replace(config.data, path=section.path, source=section.source or config.data.source)
+    masks = AlternatingMasking(grid) if config.objective != "feature_distill" else None
+    loader = build_loader(data, batch_size=config.batch_size, purpose="eval", mask_generator=masks)
+    return MaskedValidation(loader, step, section.max_batches)
+
+
 def build_teacher(config: PretrainConfig, grid: tuple[int, int], device: torch.device):
     from evamim.teachers import create_teacher
 
@@ -286,9 +345,10 @@ def _pretrain(config: PretrainConfig, state: DistributedState, hooks: tuple) -> 
                        world_size=state.world_size, shard_units=student.blocks, sync_buffers=False)
     optimizer = build_training_optimizer(student, config, state.world_size)
     checkpointer_class = ShardedCheckpointer if config.distributed.strategy == "fsdp" else FileCheckpointer
+    step = PretrainStep(teacher, device)
     trainer = Trainer(
         model,
-        PretrainStep(teacher, device),
+        step,
         loader,
         optimizer,
         optim=config.optim,
@@ -297,6 +357,7 @@ def _pretrain(config: PretrainConfig, state: DistributedState, hooks: tuple) -> 
         out_dir=output_dir,
         config=to_dict(config),
         hooks=hooks,
+        eval_fn=build_validation(config, grid, step),
         is_main_process=main,
         rank=state.rank,
         world_size=state.world_size,
