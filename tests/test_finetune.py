@@ -175,18 +175,16 @@ def test_ema_hook_averages_after_each_taken_step_once_and_round_trips_its_state(
     ema = ModelEma(model, decay=0.75)
     start = ema.module[0].weight.clone()
     trainer = FakeTrainer(model)
-    ema.on_train_start(trainer)
     with torch.no_grad():
         model[0].weight.add_(1.0)
         model[1].running_mean.fill_(5.0)
     trainer.step = 1
-    ema.sync()  # an evaluation before the loop's hooks run ...
-    ema.on_step_end(trainer, {}, skipped=False)  # ... and the hook itself: one update, not two
+    ema.on_step_end(trainer, {}, skipped=False)
+    ema.on_step_end(trainer, {}, skipped=False)  # the same step again: one update, not two
     assert ema.num_updates == 1
     assert torch.allclose(ema.module[0].weight, 0.75 * start + 0.25 * model[0].weight)
     assert torch.equal(ema.module[1].running_mean, model[1].running_mean)  # buffers are copied
     trainer.step, trainer.nonfinite_in_a_row = 2, 1
-    ema.sync()
     ema.on_step_end(trainer, {}, skipped=True)  # a skipped step moves nothing
     assert ema.num_updates == 1
     assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training

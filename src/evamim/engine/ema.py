@@ -47,9 +47,9 @@ class ModelEma(Hook):
 
     ``ema.module`` is a deep copy of the model, in eval mode, with ``requires_grad=False``.
 
-    The loop runs its evaluation before the hooks' ``on_step_end``, so an evaluation at step ``s`` would
-    see the EMA of step ``s - 1``; an evaluation function calls :meth:`sync` first to include step ``s``.
-    Updates are idempotent per step: :meth:`sync` and ``on_step_end`` never apply the same step twice.
+    Updated in ``on_step_end`` after every optimizer step that was taken; the loop runs the hooks before
+    its evaluation, so an evaluation at step ``s`` sees the EMA including step ``s``. An update is applied at
+    most once per step.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999):
@@ -60,7 +60,6 @@ class ModelEma(Hook):
         self.num_updates = 0
         self.step = 0
         """The trainer step whose weights the EMA includes last (0 = none yet)."""
-        self._trainer = None
 
     # ------------------------------------------------------------------------------------- updates
     @torch.no_grad()
@@ -88,19 +87,7 @@ class ModelEma(Hook):
             self.update(trainer.model)
             self.step = trainer.step
 
-    def sync(self) -> None:
-        """Include the optimizer step the trainer has just taken, if it was taken and is not included yet.
-
-        For evaluation functions (see the class docstring); a no-op outside a training run."""
-        trainer = self._trainer
-        # nonfinite_in_a_row is 0 exactly when the last step was applied rather than skipped.
-        if trainer is not None and trainer.step > 0 and trainer.nonfinite_in_a_row == 0:
-            self._update_for_step(trainer)
-
     # --------------------------------------------------------------------------------- hook protocol
-    def on_train_start(self, trainer) -> None:
-        self._trainer = trainer
-
     def on_step_end(self, trainer, metrics: Mapping[str, Any], skipped: bool) -> None:
         if not skipped:
             self._update_for_step(trainer)

@@ -355,8 +355,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------ after a step
 
     def _after_step(self, outcome: _StepOutcome) -> None:
-        """Logging, evaluation, hooks and checkpoint for the step just taken, in that order: the checkpoint
-        comes last so it captures the RNG state the next step starts from."""
+        """Logging, hooks, evaluation and checkpoint for the step just taken, in that order: hooks run before
+        the evaluation so that what they maintain (an EMA of the weights) includes this step, and the
+        checkpoint comes last so it captures the RNG state the next step starts from."""
         if not outcome.skipped:
             self._averager.add(outcome.metrics)
         self._throughput.add(outcome.batch_size * self.world_size)
@@ -364,10 +365,10 @@ class Trainer:
         last = self.step >= self.total_steps
         if last or self.step % self.loop_cfg.log_every == 0:
             self._log_train(outcome)
-        if self.eval_fn is not None and (last or (self.loop_cfg.eval_every and self.step % self.loop_cfg.eval_every == 0)):
-            self.evaluate()
         for hook in self.hooks:
             hook.on_step_end(self, outcome.metrics, outcome.skipped)
+        if self.eval_fn is not None and (last or (self.loop_cfg.eval_every and self.step % self.loop_cfg.eval_every == 0)):
+            self.evaluate()
         every = self.ckpt_cfg.every
         if last or self._stop_requested or (every and self.step % every == 0):
             self.save()

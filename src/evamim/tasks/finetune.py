@@ -356,7 +356,6 @@ class ClassifierEval:
     def __call__(self, model: nn.Module) -> dict[str, float]:
         models = {"": model}
         if self.ema is not None:
-            self.ema.sync()
             models["ema_"] = self.ema.module
         return evaluate_classifiers(models, self.loader, self.device)
 
