@@ -45,6 +45,8 @@ def test_typo_lists_valid_keys_and_origin(tmp_path):
 def test_wrong_types_and_malformed_overrides_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="seed"):
         load_config(Run, None, ["seed=abc"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Run, None, ["optim.betas=[0.9,"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(Run, None, ["seed"])
     with pytest.raises(ConfigError, match="not found"):

@@ -64,7 +64,11 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=5e-4")
-        layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
+        try:
+            layers.append((OmegaConf.from_dotlist([item]), f"override {item!r}"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(error).splitlines()[0]}); "
+                              f"quote it for the shell, e.g. 'model.options={{depth: 6}}'") from None
     merged = base
     for layer, origin in layers:
         try:
