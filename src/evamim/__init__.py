@@ -5,6 +5,7 @@ transformers import until a teacher or a conversion needs them).
 """
 
 from evamim import _compat
+from evamim._lazy import lazy_attributes
 
 # Must run before anything imports torchvision (timm, open_clip and transformers all do).
 _compat.ensure_torchvision_importable()
@@ -27,16 +28,4 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'evamim' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_attributes('evamim', _LAZY, globals())

@@ -3,6 +3,8 @@
 Names resolve lazily, so ``from evamim.data.config import DataConfig`` stays light (no torchvision).
 """
 
+from evamim._lazy import lazy_attributes
+
 _LAZY = {
     "DataConfig": "evamim.data.config",
     "CLIP_MEAN": "evamim.data.config",
@@ -29,16 +31,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    module_name = _LAZY.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'evamim.data' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_attributes('evamim.data', _LAZY, globals())
