@@ -172,3 +172,13 @@ def test_file_permissions_follow_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"every": -1}, "checkpoint.every must be >= 0"),
+    ({"keep_last": 0}, "checkpoint.keep_last must be >= 1"),
+    ({"resume": ""}, "checkpoint.resume must be"),
+])
+def test_bad_checkpoint_settings_are_refused_when_the_config_is_built(values, message):
+    with pytest.raises(ValueError, match=message):
+        CheckpointConfig(**values)

@@ -153,7 +153,7 @@ def test_cuda_training_with_fused_adamw(tmp_path, precision):
 
 
 def test_unknown_precision(tmp_path):
-    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+    with pytest.raises(ValueError, match="loop.precision must be one of fp32, bf16, fp16, got .fp8."):
         make_trainer(tmp_path, precision="fp8")
 
 

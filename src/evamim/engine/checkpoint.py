@@ -79,6 +79,16 @@ class CheckpointConfig:
     there is none); ``never``: start fresh, and refuse if the directory already has checkpoints; or the
     path of a checkpoint file (or, for FSDP, a checkpoint directory) to continue from."""
 
+    def __post_init__(self) -> None:
+        # Checked when the config is built, so a bad value stops the run before any model exists.
+        if self.every < 0:
+            raise ValueError(f"checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept), "
+                             f"got {self.keep_last}")
+        if not self.resume:
+            raise ValueError("checkpoint.resume must be 'auto', 'never' or the path of a checkpoint, got ''")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be loaded or is not a training checkpoint."""

@@ -47,7 +47,7 @@ from evamim.engine.data_cursor import DataCursor
 from evamim.engine.logging import MetricAverager, MetricsLogger, Throughput
 from evamim.engine.modules import model_device, unwrap_model
 from evamim.engine.optim import OptimConfig, set_hparams
-from evamim.engine.precision import Precision
+from evamim.engine.precision import PRECISIONS, Precision
 from evamim.engine.schedule import make_lr_schedule, make_weight_decay_schedule, resolve_warmup_steps
 
 _log = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ class LoopConfig:
     """Show a tqdm progress bar (main process only)."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        # Checked when the config is built, so a bad value stops the run before any model exists.
+        _validate_loop_config(self)
 
 
 @dataclass
@@ -595,6 +599,17 @@ def _resolve_total_steps(cfg: LoopConfig, steps_per_epoch: int | None) -> int:
 
 
 def _validate_loop_config(cfg: LoopConfig) -> None:
+    if (cfg.total_steps is None) == (cfg.epochs is None):
+        hint = ("set loop.epochs=null to run by steps, or loop.total_steps=null to run by epochs"
+                if cfg.total_steps is not None else "set one of them")
+        raise ValueError(f"set exactly one of loop.total_steps ({cfg.total_steps}) and loop.epochs ({cfg.epochs}): "
+                         f"{hint}")
+    if cfg.total_steps is not None and cfg.total_steps < 1:
+        raise ValueError(f"loop.total_steps must be >= 1, got {cfg.total_steps}")
+    if cfg.epochs is not None and not cfg.epochs > 0:
+        raise ValueError(f"loop.epochs must be > 0, got {cfg.epochs}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"loop.precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     for name in ("grad_accum_steps", "max_nonfinite_in_a_row", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"loop.{name} must be >= 1, got {getattr(cfg, name)}")
