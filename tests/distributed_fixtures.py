@@ -5,6 +5,7 @@ Every worker uses one thread: two processes on two cores, where more threads wou
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from evamim.engine.distributed import import_modules_binding_the_default_group, release_process_groups
 from test_pretrain import tiny_overrides
 
 WORLD = 2
@@ -47,10 +49,26 @@ def equivalence_overrides(teacher_dir: Path, output_dir: Path, steps: int, *, st
     ]
 
 
-def init_gloo(rank: int, rendezvous: str, timeout_s: float = 60.0) -> None:
+@contextlib.contextmanager
+def gloo_group(rank: int, rendezvous: str, timeout_s: float = 60.0, world_size: int = WORLD):
+    """A gloo process group for a spawned test worker, set up as ``init_distributed`` does and released as
+    ``destroy_distributed`` does: on a clean exit every group must be freed (ProcessGroupLeak otherwise), so a
+    worker never reaches interpreter shutdown with gloo threads alive (they can abort it with SIGABRT)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+    import_modules_binding_the_default_group()
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()  # the traceback still references the wrappers: report the test's error
+        raise
+    release_process_groups()
+
+
+def native_threads() -> int:
+    """OS threads of this process (Linux): gloo's worker threads are native threads Python does not list."""
+    return len(os.listdir("/proc/self/task"))
 
 
 def losses(output_dir: Path) -> list[float]:

@@ -14,7 +14,7 @@ from distributed_fixtures import (
     OneThread,
     equivalence_overrides,
     exported_weights,
-    init_gloo,
+    gloo_group,
     losses,
     max_difference,
 )
@@ -52,14 +52,11 @@ def _count_allreduces(out_dir: str) -> int:
 
 
 def _worker(rank: int, tmp: str, runs: list[list[str]]) -> None:
-    init_gloo(rank, f"{tmp}/rendezvous")
-    try:
+    with gloo_group(rank, f"{tmp}/rendezvous"):
         for overrides in runs:
             run_pretrain(load_config(PretrainConfig, None, overrides))
         count = _count_allreduces(f"{tmp}/accumulation")
         torch.save(count, f"{tmp}/allreduces-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # one process then two: about 15 s on 2 busy cores

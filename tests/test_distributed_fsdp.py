@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distributed_fixtures import (
@@ -15,7 +14,7 @@ from distributed_fixtures import (
     OneThread,
     equivalence_overrides,
     exported_weights,
-    init_gloo,
+    gloo_group,
     losses,
     max_difference,
 )
@@ -36,13 +35,10 @@ def _config(teacher_dir: Path, output_dir: Path, world: int, *extra: str) -> Pre
 
 
 def _worker(rank: int, tmp: str, teacher: str, resume_from: str) -> None:
-    init_gloo(rank, f"{tmp}/rendezvous")
-    try:
+    with gloo_group(rank, f"{tmp}/rendezvous"):
         # With 2 micro-batches per step: the first skips the reduce-scatter (set_requires_gradient_sync).
         run_pretrain(_config(Path(teacher), Path(tmp) / "two", WORLD, "loop.grad_accum_steps=2"))
         run_pretrain(_config(Path(teacher), Path(tmp) / "one_to_two", WORLD, f"checkpoint.resume={resume_from}"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _halfway(run: Path) -> Path:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
@@ -18,6 +17,7 @@ from evamim.cli import main
 from evamim.data.config import DataConfig
 from evamim.data.loader import build_loader
 from evamim.tasks.features import FeatureRequest, compute_parts, extract_features, feature_dim, parse_feature
+from distributed_fixtures import gloo_group
 from test_knn import TINY, one_thread  # noqa: F401  (an autouse fixture)
 
 TINY_MODEL = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
@@ -144,16 +144,12 @@ def test_embed_rejects_an_unknown_format(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ two ranks
 def _extract_on_rank(rank: int, tmp_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp_dir}/rendezvous", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, f"{tmp_dir}/rendezvous", world_size=2):
         loader = build_loader(synthetic(), batch_size=4, purpose="eval")  # rank and world size from the group
         features = extract_features(tiny(), loader, FeatureRequest(num_blocks=2, avg=True), device=torch.device("cpu"),
                                     progress=False)
         torch.save({"shard": len(loader.sampler), "features": None if features is None else vars(features)},
                    f"{tmp_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_gather_the_single_process_features_in_order(tmp_path):

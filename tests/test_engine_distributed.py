@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from distributed_fixtures import gloo_group
 from evamim.engine import CheckpointConfig, OptimConfig
 from test_engine_toys import Recorder, ToyData, ToyNet, make_trainer
 
@@ -25,15 +25,12 @@ def _phase(out_dir, rank, seed, stop_at=None):
 
 
 def _worker(rank, tmp_dir):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_dir}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, f"{tmp_dir}/rendezvous", world_size=WORLD):
         full, full_weights = _phase(f"{tmp_dir}/full", rank, seed=0)
         first, _ = _phase(f"{tmp_dir}/split", rank, seed=0, stop_at=N)
         second, weights = _phase(f"{tmp_dir}/split", rank, seed=7)
         torch.save({"full": full, "resumed": first + second, "same_weights": all(
             torch.equal(weights[k], v) for k, v in full_weights.items())}, f"{tmp_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes: about 10 s on 2 cores

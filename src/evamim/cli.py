@@ -55,8 +55,42 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"evamim {name}", description=help_text)
     module.add_arguments(command_parser)
     args = command_parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        code = int(module.run(args) or 0)
+    except BaseException as error:
+        if not _in_process_group():
+            raise
+        if not isinstance(error, SystemExit):
+            import traceback
+
+            traceback.print_exception(error)
+        code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
+        _end_process_now(code)
+    if _in_process_group():  # a run that reported its own error without leaving its process group
+        _end_process_now(code)
+    return code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _in_process_group() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: no group (and no import cost for light commands)
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _end_process_now(code: int) -> None:
+    """End a process that is still in its process group (a multi-process run that failed) now, not by
+    interpreter shutdown.
+
+    Its group cannot be released: peers may be waiting in a collective, and the error's traceback keeps the
+    wrapped model alive. An interpreter shutdown with the group's gloo threads still running can abort the
+    process (SIGABRT) instead of exiting with its error, so logs and streams are flushed and it exits at once.
+    """
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

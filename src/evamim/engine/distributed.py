@@ -372,17 +372,107 @@ def init_distributed(cfg: DistributedConfig, device: str = "auto", environ: Mapp
               env.world_size, env.rank, env.local_rank, env.launcher, env.master_addr, env.master_port, backend,
               cfg.timeout_minutes)
     kwargs: dict[str, Any] = {"device_id": chosen} if chosen.type == "cuda" else {}
+    import_modules_binding_the_default_group()
     dist.init_process_group(backend, init_method=init_method, rank=env.rank, world_size=env.world_size,
                             timeout=timeout, **kwargs)
     return DistributedState(env, chosen, backend, owns_group=True, rank=env.rank, world_size=env.world_size)
 
 
 def destroy_distributed(state: DistributedState | None = None) -> None:
-    """End the process group if :func:`init_distributed` created it (or, without ``state``, if any)."""
+    """End the process group if :func:`init_distributed` created it (or, without ``state``, if any), and
+    free it now (see :func:`release_process_groups`)."""
     import torch.distributed as dist
 
     if (state is None or state.owns_group) and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        release_process_groups()
+
+
+# torch modules that bind ``group=dist.group.WORLD`` as a default argument when they are first imported.
+# Imported after a process group exists (DDP, ZeRO and FSDP import them lazily), their defaults hold that group
+# for the rest of the process, and with it the group's backend threads (see release_process_groups).
+_MODULES_BINDING_THE_DEFAULT_GROUP = (
+    "torch.distributed.nn.functional",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+    "torch.distributed.fsdp.sharded_grad_scaler",
+)
+
+
+def import_modules_binding_the_default_group() -> None:
+    """Import those modules while no process group exists, so that their defaults are None (= the default
+    group at call time). Call before ``init_process_group`` (:func:`init_distributed` does)."""
+    import importlib
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        raise RuntimeError("import_modules_binding_the_default_group() must run before the process group is created")
+    for name in _MODULES_BINDING_THE_DEFAULT_GROUP:
+        importlib.import_module(name)
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty DTensor's memo caches (FSDP2's parameters are DTensors). Their entries hold sharding specs, which
+    hold the DeviceMesh, which holds the process group; they are recomputed on demand, so clearing is safe.
+    Uses the clearing functions torch provides; one that a torch version lacks is skipped, and a group that
+    stays referenced because of it is reported by release_process_groups."""
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:  # DTensor never used: nothing cached
+        return
+    import importlib
+
+    for module_name, function_name in (
+        ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),  # Python and C++ fast-path caches
+        ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+        ("torch.distributed.tensor._redistribute", "_gen_transform_infos"),
+        ("torch.distributed.tensor._collective_utils", "MeshTopoInfo"),
+    ):
+        try:
+            target = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError):
+            continue
+        if function_name == "MeshTopoInfo":
+            target = target.build_from_mesh
+        clear = getattr(target, "cache_clear", target)
+        clear()
+
+
+class ProcessGroupLeak(RuntimeError):
+    """A destroyed process group is still referenced, so its backend threads outlive ``destroy_process_group``."""
+
+
+def release_process_groups() -> None:
+    """``destroy_process_group()``, then make sure every group object is actually freed before returning.
+
+    Why: ``destroy_process_group`` only unregisters the groups. A gloo group's worker threads live until its
+    C++ object is destroyed, and whatever still references it (DDP, ZeRO, FSDP meshes, reference cycles)
+    keeps it alive until the interpreter shuts down. A gloo thread that then drops the last reference to the
+    tensors of a collective needs the GIL of a finalizing interpreter, is killed inside a noexcept destructor
+    and the process dies with SIGABRT after finishing its work. Freed here instead (``gc`` breaks the
+    wrappers' cycles; the group's destructor releases the GIL while it joins its threads), no backend thread
+    is left when the interpreter exits.
+
+    Raises:
+        ProcessGroupLeak: a group is still referenced after collection; the message names the referrers.
+    """
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
+
+    groups = [weakref.ref(group) for group in list(_world.pg_map)]
+    dist.destroy_process_group()
+    _clear_dtensor_caches()
+    gc.collect()
+    alive = [group for group in (ref() for ref in groups) if group is not None]
+    if alive:
+        referrers = sorted({type(r).__name__ for group in alive for r in gc.get_referrers(group)} - {"frame", "list"})
+        del alive
+        raise ProcessGroupLeak(
+            "a destroyed process group is still referenced (by " + (", ".join(referrers) or "an untracked object")
+            + "): drop every wrapped model, optimizer and device mesh that uses it before ending the process group, "
+            "or its backend threads can abort the process at exit")
 
 
 # ------------------------------------------------------------------------------------------- helpers
