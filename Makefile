@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	set -o pipefail; $(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
 		| sed '/is ignored: it is neither a file nor a directory/d'
-	$(PY) -c "import evamim, timm, open_clip, transformers, webdataset" # fail here, loudly, if the install broke
+	$(PY) -c "from evamim._compat import install_torchvision_hook; install_torchvision_hook()"
+	$(PY) -c "import timm, open_clip, transformers, webdataset, evamim" # fail here, loudly, if the install broke
 	touch $(STAMP)
 
 install: $(STAMP)

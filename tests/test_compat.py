@@ -1,8 +1,11 @@
 """The torchvision import guard: makes torchvision importable on CPU-only torch, does nothing elsewhere."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import evamim._compat as compat
 
@@ -61,3 +64,48 @@ def test_core_import_stays_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.slow  # four fresh interpreters importing timm / open_clip / transformers: about 30 s
+def test_documented_imports_work_in_any_order_in_the_built_environment():
+    """``make install`` puts the guard into the environment itself, so that a user's ``import timm`` (or
+    open_clip, transformers, torchvision) needs no ``import evamim`` first; a fresh interpreter proves it."""
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert (site / compat.GUARD_PTH_NAME).is_file(), "build the environment with `make install`"
+    for first in ("timm", "open_clip", "transformers", "torchvision"):
+        result = subprocess.run([sys.executable, "-c", f"import {first}; import evamim, timm; print('ok')"],
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", (first, result.stderr[-2000:])
+
+
+def test_the_start_up_hook_imports_nothing_until_torchvision_is_imported(tmp_path):
+    compat.install_torchvision_hook(tmp_path)
+    code = (
+        "import site, sys\n"
+        f"site.addsitedir({str(tmp_path)!r})\n"
+        "print('torch' in sys.modules, 'evamim' in sys.modules)\n"
+        "import torchvision\n"
+        "print('evamim' in sys.modules, type(torchvision.__loader__).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=180,
+                            env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Nothing at start-up; evamim's guard at the import; then torchvision is an ordinary package.
+    assert result.stdout.split() == ["False", "False", "True", "SourceFileLoader"]
+
+
+def test_a_probe_for_torchvision_runs_nothing(tmp_path):
+    """torch probes for torchvision with importlib.util.find_spec while it is itself being imported: the guard
+    must act on the import only (running it then would import evamim half-way through torch's import)."""
+    compat.install_torchvision_hook(tmp_path)
+    code = (
+        "import importlib.util, site, sys\n"
+        f"site.addsitedir({str(tmp_path)!r})\n"
+        "importlib.util.find_spec('torchvision')\n"
+        "print('torch' in sys.modules, 'evamim' in sys.modules)\n"
+        "import torch, evamim, timm\n"
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=180,
+                            env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "False"]

@@ -49,6 +49,14 @@ def _ops_library_loads(path: Path) -> bool:
     return True
 
 
+def _schema_declared(name: str) -> bool:
+    try:
+        torch._C._get_schema(name, "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def ensure_torchvision_importable() -> bool:
     """Make ``import torchvision`` work on CPU-only torch with a CUDA-built torchvision.
 
@@ -59,9 +67,19 @@ def ensure_torchvision_importable() -> bool:
         return True
     if "torchvision" in sys.modules:
         return False
+    return declare_torchvision_schemas()
+
+
+def declare_torchvision_schemas() -> bool:
+    """The guard itself, for a caller that knows torchvision is about to execute (the import hook, which runs
+    when torchvision is already in ``sys.modules`` but not yet executed). Same return value as above."""
+    if _state["patched"]:
+        return True
     library_path = _torchvision_ops_library()
     if library_path is None or _ops_library_loads(library_path):
         return False
+    if _schema_declared("torchvision::nms"):
+        return False  # declared already (by another copy of this module): declaring twice is an error
     library = torch.library.Library("torchvision", "FRAGMENT")
     for schema in _TORCHVISION_SCHEMAS:
         library.define(schema)
@@ -69,3 +87,21 @@ def ensure_torchvision_importable() -> bool:
     _state["library"] = library
     _state["patched"] = True
     return True
+
+
+GUARD_PTH_NAME = "evamim_torchvision_guard.pth"
+
+
+def install_torchvision_hook(site_packages: str | Path | None = None) -> Path:
+    """Write a ``.pth`` line into ``site_packages`` (default: this interpreter's) that installs
+    ``_evamim_torchvision_guard`` at start-up, so that ``import torchvision`` / timm / open_clip / transformers
+    work in this environment before, or without, ``import evamim``. Returns the file written.
+
+    This is part of building the environment (``make install`` calls it): user code needs no import order.
+    """
+    import sysconfig
+
+    directory = Path(site_packages or sysconfig.get_paths()["purelib"])
+    path = directory / GUARD_PTH_NAME
+    path.write_text("import _evamim_torchvision_guard; _evamim_torchvision_guard.install()\n")
+    return path
