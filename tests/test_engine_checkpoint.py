@@ -2,11 +2,13 @@
 
 import logging
 import os
+import pickle
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,10 +17,12 @@ import torch
 from evamim.engine.checkpoint import (
     CheckpointConfig,
     CheckpointError,
+    ShardedCheckpointer,
     capture_rng_state,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_shard_index,
     restore_rng_state,
     save_checkpoint,
 )
@@ -182,3 +186,99 @@ def test_file_permissions_follow_umask(tmp_path):
 def test_bad_checkpoint_settings_are_refused_when_the_config_is_built(values, message):
     with pytest.raises(ValueError, match=message):
         CheckpointConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------- integrity
+
+
+def _flip_a_tensor_byte(path) -> None:
+    """Flip one byte inside the first tensor record of a torch.save archive: the zip stays readable."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if "/data/" in info.filename and info.file_size > 8)
+    data = bytearray(path.read_bytes())
+    header = record.header_offset
+    name_length, extra_length = (int.from_bytes(data[header + at:header + at + 2], "little") for at in (26, 28))
+    data[header + 30 + name_length + extra_length + record.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_caught_and_the_previous_checkpoint_used(tmp_path, caplog):
+    make_trainer(tmp_path, total_steps=4, checkpoint=CheckpointConfig(every=2, keep_last=3)).train()
+    latest = tmp_path / "checkpoints" / "step-000000004.pt"
+    _flip_a_tensor_byte(latest)
+    assert torch.load(latest, weights_only=True)["step"] == 4  # torch alone would load it silently
+    with pytest.raises(CheckpointError, match="corrupt: the bytes of .* do not match the checksum"):
+        load_checkpoint(latest)
+    trainer = make_trainer(tmp_path, total_steps=4, checkpoint=CheckpointConfig(every=2, keep_last=3))
+    with caplog.at_level(logging.WARNING):
+        assert trainer.resume().name == "step-000000002.pt"
+    assert "step-000000004.pt" in caplog.text and "corrupt" in caplog.text
+
+
+def test_checkpoints_carry_checksums_even_when_torch_is_told_not_to_write_them(tmp_path):
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = save_checkpoint(_state(1.0), tmp_path, 1, keep_last=1)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    _flip_a_tensor_byte(path)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def _sharded_trainer(out_dir, **kwargs):
+    trainer = make_trainer(out_dir, total_steps=4, checkpoint=CheckpointConfig(every=2, keep_last=3), **kwargs)
+    trainer.checkpointer = ShardedCheckpointer(trainer.model, trainer.optimizer)
+    return trainer
+
+
+def test_a_corrupt_shard_is_caught_and_the_previous_sharded_checkpoint_used(tmp_path, caplog):
+    _sharded_trainer(tmp_path).train()
+    shard = next((tmp_path / "checkpoints" / "step-000000004").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    trainer = _sharded_trainer(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert trainer.resume().name == "step-000000002"
+    assert f"the bytes of {shard.name} do not match the checksum" in caplog.text
+
+
+def _plant_index(checkpoint_dir, payload) -> None:
+    with open(checkpoint_dir / ".metadata", "wb") as handle:
+        pickle.dump(payload, handle)
+
+
+class _RunsCode:
+    """A pickle that would create a file when unpickled by pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_shard_index_is_refused_without_running_its_code(tmp_path, caplog):
+    _sharded_trainer(tmp_path).train()
+    marker = tmp_path / "code-ran"
+    _plant_index(tmp_path / "checkpoints" / "step-000000004", _RunsCode(marker))
+    with pytest.raises(CheckpointError, match="refused the shard index .*references io.open"):
+        read_shard_index(tmp_path / "checkpoints" / "step-000000004")
+    trainer = _sharded_trainer(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert trainer.resume().name == "step-000000002"
+    assert not marker.exists()
+
+
+def test_a_shard_index_declaring_non_tensor_entries_is_refused(tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    _sharded_trainer(tmp_path).train()
+    directory = tmp_path / "checkpoints" / "step-000000004"
+    metadata = read_shard_index(directory)
+    key = next(iter(metadata.state_dict_metadata))
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()  # would be read with torch.load(weights_only=False)
+    _plant_index(directory, metadata)
+    with pytest.raises(CheckpointError, match="refused the shard index .*BytesStorageMetadata"):
+        read_shard_index(directory)

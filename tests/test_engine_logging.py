@@ -6,6 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from evamim.engine import CheckpointConfig, Hook
 from evamim.engine.logging import MetricAverager, MetricsLogger, drop_records_after
 from test_engine_toys import Recorder, make_trainer
 
@@ -62,6 +63,26 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
     make_trainer(tmp_path, total_steps=8, log_every=2, tensorboard=True).train()
     assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6, 8]
     assert [s for s, _ in _scalars(tmp_path)["train/loss"]] == [2, 4, 6, 8]
+
+
+class KilledAtStep(Hook):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics, skipped):
+        if trainer.step == self.step:
+            raise KeyboardInterrupt("killed")
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once_when_rerun(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path, hooks=[KilledAtStep(3)], total_steps=6, log_every=1, tensorboard=True,
+                     checkpoint=CheckpointConfig(every=100)).train()
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+    make_trainer(tmp_path, total_steps=6, log_every=1, tensorboard=True).train()
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in _scalars(tmp_path)["train/loss"]] == [1, 2, 3, 4, 5, 6]
 
 
 def test_metric_averager():

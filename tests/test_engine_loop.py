@@ -45,7 +45,23 @@ def test_repeated_nan_stops_with_advice(tmp_path):
     assert "stopping at step 5: 3 optimizer steps in a row" in message
     for advice in ("lower learning rate", "warmup", "clip_grad", "bf16 instead of fp16", "check the data"):
         assert advice in message
-    assert "step-000000004.pt" in message
+    assert "step-000000002.pt" in message  # the last healthy checkpoint: steps 3-5 were all skipped
+
+
+def test_a_diverging_run_keeps_its_last_healthy_checkpoints(tmp_path, caplog):
+    """Checkpoints due during a streak of non-finite steps are postponed, so keep_last never rotates the last
+    healthy ones out for poisoned ones; the next attempt resumes there with a fresh streak budget."""
+    diverging = make_trainer(tmp_path, data=ToyData(nan_batches=tuple(range(3, 100))), total_steps=20,
+                             max_nonfinite_in_a_row=6, checkpoint=CheckpointConfig(every=1, keep_last=2))
+    with pytest.raises(NonFiniteLossError):
+        diverging.train()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000000002.pt", "step-000000003.pt"]
+    assert "checkpoint postponed to the next healthy step" in caplog.text
+    assert caplog.text.count("checkpoint postponed") == 1  # said once, not at every step of the streak
+    retry = make_trainer(tmp_path, data=ToyData(), total_steps=6, max_nonfinite_in_a_row=1,
+                         checkpoint=CheckpointConfig(every=1, keep_last=2))
+    assert retry.train().step == 6 and retry.nonfinite_skipped == 0
 
 
 def test_isolated_nans_do_not_stop(tmp_path):

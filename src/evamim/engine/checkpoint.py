@@ -28,13 +28,19 @@ Two layouts, chosen by the training strategy through a *checkpointer* (what the 
   directory is written as hidden ``.step-<step>.partial/`` and renamed into place once every shard and
   ``trainer.pt`` are on disk; discovery ignores partial directories and the next save removes them. A
   directory whose shards are missing or shorter than the index says is reported and skipped like a
-  truncated file. Only tensors go through DCP (it unpickles anything else with ``weights_only=False``);
-  its ``.metadata`` index is itself a pickle, so sharded checkpoints should come from trusted sources.
+  truncated file. Only tensors go through DCP (it unpickles anything else with ``weights_only=False``).
+  Its ``.metadata`` index is itself a pickle: evamim reads it with an unpickler that admits only the
+  classes of a DCP index, and refuses an index that declares anything but tensors (:func:`read_shard_index`).
+
+Integrity: a single-file checkpoint is a torch.save zip archive with a CRC-32 per record, verified before
+loading; ``trainer.pt`` of a sharded checkpoint holds the CRC-32 of every shard file, verified on resume. A
+checkpoint whose bytes changed after it was written is skipped like a truncated one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -43,6 +49,8 @@ import re
 import secrets
 import shutil
 import warnings
+import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +216,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         # os.open with 0o666 so the umask decides the permissions, as for any other file the run writes.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle, _zip_checksums_on():
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -217,6 +225,22 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _zip_checksums_on():
+    """torch.save writes a CRC-32 per record of its zip archive unless turned off globally; evamim's checkpoints
+    always have them: :func:`load_checkpoint` verifies every byte against them."""
+    get, set_ = (getattr(torch.serialization, name, None) for name in ("get_crc32_options", "set_crc32_options"))
+    if get is None or set_ is None:  # older torch: always computed
+        yield
+        return
+    previous = get()
+    set_(True)
+    try:
+        yield
+    finally:
+        set_(previous)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -269,10 +293,12 @@ def prune_checkpoints(directory: Path, keep_last: int, newest: Path) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a training checkpoint onto the CPU with ``weights_only=True``.
 
-    Raises :class:`CheckpointError` (naming the file) if it is truncated, unreadable or not a training
-    checkpoint written by :func:`save_checkpoint`.
+    Raises :class:`CheckpointError` (naming the file) if it is truncated, unreadable, corrupt (a byte differs
+    from the checksums written at save: :func:`verify_zip_checksums`) or not a training checkpoint written by
+    :func:`save_checkpoint`.
     """
     path = Path(path)
+    verify_zip_checksums(path)
     try:
         # mmap: the processes of a node share one page-cache copy instead of each reading the file into RAM.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -283,6 +309,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this code reads {VERSION}")
     return state
+
+
+def verify_zip_checksums(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless every record of the torch.save archive ``path`` matches the CRC-32
+    written with it. torch.load does not check them (with ``mmap`` it does not even read the tensors), so a
+    flipped byte (a failing disk, a bad copy) would otherwise load silently and train on garbage."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: it is truncated or not a torch.save archive "
+                              f"({type(err).__name__}: {str(err)[:200]})") from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the bytes of {damaged} do not match the checksum written "
+                              "at save (a disk or copy error)")
+
+
+def file_checksum(path: str | os.PathLike, chunk_bytes: int = 16 << 20) -> int:
+    """CRC-32 of a file's bytes (zlib's, as in zip archives)."""
+    checksum = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            checksum = zlib.crc32(chunk, checksum)
+    return checksum
 
 
 def find_latest_checkpoint(directory: str | os.PathLike) -> tuple[Path, dict] | None:
@@ -436,8 +486,10 @@ class ShardedCheckpointer:
         with _quiet_single_process():
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(partial), sync_files=True), no_dist=_no_dist())
         # dcp.save returns once every shard and the index are written and fsync'ed on every process.
+        checksums = _shard_checksums(partial)
         if not self.is_main_process:
             return None
+        payload["checksums"] = checksums
         atomic_save(payload, partial / TRAINER_FILE)
         _fsync_dir(partial)
         _replace_dir(partial, final)
@@ -448,11 +500,20 @@ class ShardedCheckpointer:
 
     def load(self, path: str | os.PathLike) -> dict:
         """Restore the model and optimizer from the directory ``path``; returns ``trainer.pt``'s content."""
+        from evamim.engine.distributed import all_ranks_agree
+
         path = Path(path)
         if path.is_file():
             raise CheckpointError(f"{path} is a single-file checkpoint but this run (FSDP) writes sharded checkpoint "
                                   "directories; resume it with distributed.strategy=ddp or zero1")
-        extra = read_sharded_checkpoint(path)
+        extra, problem = None, None
+        try:
+            extra = read_sharded_checkpoint(path)
+        except CheckpointError as err:
+            problem = err
+        # Every process must stop together: the others would wait in dcp.load's collectives.
+        if not all_ranks_agree(problem is None):
+            raise problem or CheckpointError(f"checkpoint {path} does not load on another process (see its log)")
         self._restore(path, extra)
         return extra
 
@@ -492,7 +553,7 @@ class ShardedCheckpointer:
         # The destination decides the layout: this run's shards (any number of processes) or full tensors.
         tensors, _ = split_tensors(self.model_optimizer_state())
         with _quiet_single_process():
-            dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=_no_dist())
+            dcp.load(tensors, storage_reader=_shard_reader(path), no_dist=_no_dist())
         self.load_model_optimizer_state(merge_trees(tensors, extra["plain"]))
 
 
@@ -519,27 +580,131 @@ def any_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def read_sharded_checkpoint(path: str | os.PathLike) -> dict:
-    """``trainer.pt`` of a sharded checkpoint, after checking that every shard the index names is complete.
+    """``trainer.pt`` of a sharded checkpoint, after checking that every shard the index names is complete and,
+    for this process's share of the files, that their bytes match the checksums written at save.
 
-    Raises :class:`CheckpointError` (naming the directory) if ``trainer.pt`` or the index do not load,
-    or a shard file is missing or shorter than the index says (a copy or write that did not finish).
+    Raises :class:`CheckpointError` (naming the directory) if ``trainer.pt`` or the index do not load (or the
+    index is not one evamim writes), a shard file is missing or shorter than the index says (a copy or write
+    that did not finish), or a file's checksum differs (a disk or copy error).
     """
     path = Path(path)
     state = load_checkpoint(path / TRAINER_FILE)
     if state.get("layout") != ShardedCheckpointer.layout or "plain" not in state:
         raise CheckpointError(f"{path} is not a sharded evamim checkpoint ({TRAINER_FILE} has no sharded layout marker)")
     check_shards(path)
+    _verify_shard_checksums(path, state.get("checksums"))
     return state
 
 
-def check_shards(path: Path) -> None:
-    """Raise :class:`CheckpointError` if ``path``'s DCP index does not load or a shard is missing/truncated."""
-    from torch.distributed.checkpoint import FileSystemReader
+def _shard_checksums(directory: Path) -> dict[str, int]:
+    """``{file name: CRC-32}`` of every file DCP wrote into ``directory`` (a collective with several processes):
+    each process hashes the shards it wrote itself (``__<rank>_*.distcp``), the main process the index too."""
+    from evamim.engine.distributed import all_gather_object, get_rank
 
+    rank = get_rank()
+    names = [shard.name for shard in directory.glob(f"__{rank}_*.distcp")] + ([".metadata"] if rank == 0 else [])
+    merged: dict[str, int] = {}
+    for part in all_gather_object({name: file_checksum(directory / name) for name in names}):
+        merged.update(part)
+    return merged
+
+
+def _verify_shard_checksums(path: Path, checksums: Mapping[str, int] | None) -> None:
+    """Check this process's share of ``checksums`` (each process a different slice of the files, so together
+    they read each file once). Checkpoints written before checksums were stored are not checked."""
+    from evamim.engine.distributed import get_rank, get_world_size
+
+    if checksums is None:
+        return
+    for name in sorted(checksums)[get_rank()::get_world_size()]:
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"{path}: {name} is missing (an interrupted copy?)")
+        if file_checksum(shard) != checksums[name]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: the bytes of {name} do not match the checksum "
+                                  "written at save (a disk or copy error)")
+
+
+# The classes a DCP index (.metadata) pickles, which are all that may be unpickled from one: DCP reads it with
+# plain pickle.load, so a planted .metadata would otherwise run code when a run resumes.
+_SHARD_INDEX_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _ShardIndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = name in _SHARD_INDEX_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True  # dtypes pickle as the attribute of torch
+        if not allowed:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which an evamim checkpoint index never does")
+        return super().find_class(module, name)
+
+
+def read_shard_index(path: str | os.PathLike):
+    """The DCP ``Metadata`` of the sharded checkpoint directory ``path``, unpickled without running code.
+
+    Only the classes a DCP index consists of may be unpickled, and the index must describe what evamim writes:
+    tensors only (a bytes entry would be loaded with ``torch.load(weights_only=False)``) in shard files inside
+    the directory. Raises :class:`CheckpointError` naming the directory otherwise.
+    """
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    index = Path(path) / ".metadata"
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except (*_LOAD_ERRORS, AttributeError, ImportError) as err:
-        raise CheckpointError(f"cannot read the shard index of {path}: {type(err).__name__}: {str(err)[:300]}") from err
+        with open(index, "rb") as handle:
+            metadata = _ShardIndexUnpickler(handle).load()
+    except (*_LOAD_ERRORS, AttributeError, ImportError, TypeError) as err:
+        raise CheckpointError(f"refused the shard index {index}: {type(err).__name__}: {str(err)[:300]}") from None
+    problem = None
+    if not isinstance(metadata, Metadata):
+        problem = f"it holds a {type(metadata).__name__}, not a DCP Metadata"
+    elif not all(isinstance(entry, TensorStorageMetadata) for entry in metadata.state_dict_metadata.values()):
+        problem = "it declares non-tensor entries, which evamim never writes"
+    elif not all(isinstance(info, _StorageInfo) and Path(str(info.relative_path)).name == str(info.relative_path)
+                 for info in (metadata.storage_data or {}).values()):
+        problem = "it names shard files outside its directory"
+    if problem:
+        raise CheckpointError(f"refused the shard index {index}: {problem}")
+    return metadata
+
+
+@functools.cache
+def _checked_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedShardReader(FileSystemReader):
+        """DCP's file reader, with the index read by :func:`read_shard_index` instead of ``pickle.load``."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = read_shard_index(self.path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedShardReader
+
+
+def _shard_reader(path: Path):
+    """A DCP storage reader of the checkpoint directory ``path`` whose index is checked (DCP is imported lazily)."""
+    return _checked_reader_class()(str(path))
+
+
+def check_shards(path: Path) -> None:
+    """Raise :class:`CheckpointError` if ``path``'s DCP index is refused (:func:`read_shard_index`) or a shard
+    is missing/truncated."""
+    metadata = read_shard_index(path)
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

@@ -12,6 +12,10 @@ The data-position protocol (what the training loop expects of the ``data`` it is
    next ``iter(data)`` yields the rest of that epoch, and later ``iter`` calls the following epochs. Such
    data owns its epoch counter: the loop does not call ``set_epoch`` on it.
 
+4. Optional ``data.bad_sample_totals() -> dict[str, int]``: this process's counters of samples tried and
+   skipped as unreadable since the run started (resume included). The loop sums them over the processes and
+   logs them with every training record and in its result, so a run's skipped samples are on the record.
+
 Data without ``state_dict`` is resumed by replaying: the loop calls ``set_epoch(epoch)`` (if present)
 and ``iter(data)``, then discards the batches consumed before the checkpoint (logged, with the count).
 That reproduces the position when the epoch's order depends only on the epoch, and costs the time to

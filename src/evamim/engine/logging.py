@@ -8,8 +8,8 @@ JSONL: one JSON object per line, ``{"step": ..., "epoch": ..., "lr": ..., "loss"
 ``eval/`` for evaluations. TensorBoard: one scalar per key, tagged ``train/<key>`` or ``eval/<key>``,
 at the global step.
 
-On resume from step ``S`` both logs drop what was written after ``S`` by the run that died (those steps
-are trained again), so the curves have no duplicated or stale points.
+On resume from step ``S`` (0 when the run died before its first checkpoint) both logs drop what was written
+after ``S`` by the attempt that died (those steps are trained again), so the curves hold each step once.
 """
 
 from __future__ import annotations
@@ -99,14 +99,14 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         jsonl_path = self.out_dir / JSONL_NAME
-        if start_step > 0:
-            drop_records_after(jsonl_path, start_step)
+        # Also at step 0: a run killed before its first checkpoint starts over, and so does its log.
+        drop_records_after(jsonl_path, start_step)
         self._jsonl = open(jsonl_path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # tensorboard is heavy to import; only the writer needs it
 
-            # purge_step hides events at or after it that a crashed run wrote past the resumed checkpoint.
-            self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+            # purge_step hides events at or after it that an earlier attempt wrote past where this one starts.
+            self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
         if progress_bar:
             from tqdm.auto import tqdm
 

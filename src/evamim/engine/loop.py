@@ -97,6 +97,9 @@ class TrainResult:
     last_checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     """The last logged training record (without ``time``)."""
+    data_totals: dict[str, int] = field(default_factory=dict)
+    """The data's ``bad_sample_totals()`` summed over the processes (``samples_tried``, ``samples_bad``), when
+    the data counts them (see :mod:`~evamim.engine.data_cursor`)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -223,6 +226,11 @@ class Trainer:
         self.step = 0
         self.nonfinite_skipped = 0
         self.nonfinite_in_a_row = 0
+        self.unhealthy_in_a_row = 0
+        """Skipped steps in a row that were not routine fp16 overflows (a non-finite loss, or non-finite gradients
+        without a loss scaler): while it is > 0 the run may be diverging and no checkpoint is written."""
+        self._checkpoint_due = False
+        self._checkpoint_postponed = False
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
         self._stop_requested = False
@@ -253,7 +261,8 @@ class Trainer:
         for hook in self.hooks:
             hook.on_train_end(self)
         return TrainResult(self.step, self.cursor.epoch, self.nonfinite_skipped, self._stop_requested,
-                           self.last_checkpoint, {k: v for k, v in self._last_record.items() if k != "time"})
+                           self.last_checkpoint, {k: v for k, v in self._last_record.items() if k != "time"},
+                           self._data_totals())
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from :meth:`train` (e.g. from a hook)."""
@@ -274,9 +283,7 @@ class Trainer:
             batch = self.cursor.next()
             outcome = self.train_step(batch)
             self.step += 1
-            self._after_step(outcome)
-        if self._saved_step != self.step:
-            self.save()
+            self._after_step(outcome)  # saves at the last step and when a stop was requested
 
     def train_step(self, batch: Any) -> _StepOutcome:
         """One optimizer step on ``batch``: forward/backward over its micro-batches, clip, step or skip."""
@@ -293,6 +300,7 @@ class Trainer:
         else:
             self.precision.step(self.optimizer)
             self.nonfinite_in_a_row = 0
+            self.unhealthy_in_a_row = 0
         self.precision.update()
         self.optimizer.zero_grad(set_to_none=True)
         return _StepOutcome(metrics, skipped, lr, weight_decay, self.batch_size_fn(batch))
@@ -334,7 +342,11 @@ class Trainer:
         self.nonfinite_skipped += 1
         self.nonfinite_in_a_row += 1
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if self.precision.scaler is not None and math.isfinite(loss):
+        # Every process skips together (the gradient norm is global) but each has its own loss: decide together.
+        routine_overflow = self.precision.scaler is not None and self._on_every_process(math.isfinite(loss))
+        if not routine_overflow:
+            self.unhealthy_in_a_row += 1
+        if routine_overflow:
             # In fp16 an overflowing gradient is routine: the scaler halves the scale in update().
             _log.info("step %d: fp16 gradient overflow at loss scale %g; step skipped", self.step + 1,
                       self.precision.loss_scale)
@@ -375,13 +387,16 @@ class Trainer:
             self.evaluate()
         every = self.ckpt_cfg.every
         if last or self._stop_requested or (every and self.step % every == 0):
-            self.save()
+            self._checkpoint_due = True
+        if self._checkpoint_due:
+            self._save_when_healthy(final=last or self._stop_requested)
 
     def _log_train(self, outcome: _StepOutcome) -> None:
         metrics = self._averager.compute()
         if self.world_size > 1:
             # Every process computed its metrics on its own batches: log their mean (a collective).
             metrics = dict(self.reduce_metrics(metrics))
+        data_totals = self._data_totals()
         if not self.is_main_process:
             return
         record: dict[str, float] = {"epoch": self.cursor.epoch, "lr": outcome.lr}
@@ -390,6 +405,7 @@ class Trainer:
         record.update(metrics)
         record.update(self._throughput.compute())
         record["nonfinite_skipped"] = self.nonfinite_skipped
+        record.update(data_totals)
         if self.precision.loss_scale is not None:
             record["loss_scale"] = self.precision.loss_scale
         self._logger.log(self.step, record)
@@ -475,6 +491,46 @@ class Trainer:
             hook.load_state_dict(saved[name])
         for name in set(saved) - set(self._stateful_hooks()):
             _log.warning("the checkpoint holds state for hook %s, which this run does not have; it is ignored", name)
+
+    def _save_when_healthy(self, final: bool) -> None:
+        """Write the due checkpoint unless the run is in a streak of non-finite steps or its weights are not
+        finite: then it is postponed to the first healthy step (the weights are unchanged by skipped steps), so
+        a diverging run never rotates its last healthy checkpoints out for poisoned ones (``keep_last``)."""
+        weights_finite = self._on_every_process(self._weights_finite())
+        if self.unhealthy_in_a_row == 0 and weights_finite:
+            self._checkpoint_due = self._checkpoint_postponed = False
+            self.save()
+            return
+        reason = ("its weights are not finite" if not weights_finite else
+                  f"the last {self.unhealthy_in_a_row} steps had a non-finite loss or gradient norm")
+        keep = f"the last checkpoint stays {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+        if final:
+            _log.warning("step %d: no final checkpoint: %s (%s)", self.step, reason, keep)
+        elif not self._checkpoint_postponed:  # once per postponement, not at every step of a streak
+            _log.warning("step %d: checkpoint postponed to the next healthy step: %s (%s)", self.step, reason, keep)
+            self._checkpoint_postponed = True
+
+    def _data_totals(self) -> dict[str, int]:
+        """The data's bad-sample counters summed over the processes (a collective with several); {} if it has none."""
+        counters = getattr(self.cursor.data, "bad_sample_totals", None)
+        if not callable(counters):
+            return {}
+        local = {key: float(value) for key, value in counters().items()}
+        if self.world_size > 1:
+            local = {key: mean * self.world_size for key, mean in self.reduce_metrics(local).items()}
+        return {key: int(round(value)) for key, value in local.items()}
+
+    def _weights_finite(self) -> bool:
+        """True when every parameter this process holds (its shards under FSDP) is finite."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        local = [p.to_local() if _is_dtensor(p) else p for p in params]
+        return bool(torch.stack([torch.isfinite(p.detach()).all() for p in local]).all()) if local else True
+
+    def _on_every_process(self, flag: bool) -> bool:
+        """``flag`` and-ed over the processes (a collective with several: every process must call it)."""
+        if self.world_size == 1:
+            return flag
+        return self.reduce_metrics({"flag": float(flag)})["flag"] == 1.0
 
     def save(self) -> Path | None:
         """Write a checkpoint for the current step; every process must call it (the per-process state is
