@@ -7,7 +7,16 @@ import pytest
 import torch
 
 import evamim
-from evamim.models.checkpoint import UnsafeCheckpointError, infer_config, load_weights, read_config
+from evamim.models.checkpoint import (
+    CorruptCheckpointError,
+    NonFiniteWeightsError,
+    UnsafeCheckpointError,
+    WeightsMismatchError,
+    infer_architecture,
+    infer_config,
+    load_weights,
+    read_config,
+)
 from evamim.models.vit import EvaViT, EvaViTConfig
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=28, patch_size=14, init_std=0.05)
@@ -70,32 +79,76 @@ def test_official_eva01_mim_checkpoint_loads_and_matches(tmp_path):
                                    source.lm_head(source.forward_features(images)))
 
 
-def test_mim_checkpoint_into_finetune_model_reports_exact_keys(tmp_path):
-    """MIM weights into an avg-pool classifier: norm -> fc_norm (as timm does), MIM-only keys reported, head missing."""
+def test_mim_checkpoint_into_finetune_model_is_strict_on_the_backbone_only():
+    """MIM weights into an avg-pool classifier: norm -> fc_norm (as timm does); the MIM-only tensors are task
+    heads the model does not have (dropped) and the new classifier starts fresh, both under strict=True."""
     state = official_eva01_mim_state_dict(_mim_model())
     target = EvaViT(EvaViTConfig(**TINY, num_classes=5))
-    report = load_weights(target, {"module": state})
-    assert report.renamed == {"norm": "fc_norm"}
-    assert sorted(report.unexpected) == ["lm_head.bias", "lm_head.weight", "mask_token"]
-    assert sorted(report.missing) == ["head.bias", "head.weight"]
+    report = load_weights(target, {"module": state})  # strict by default
+    assert report.ok and report.renamed == {"norm": "fc_norm"}
+    assert sorted(report.dropped) == ["lm_head.bias", "lm_head.weight", "mask_token"]
+    assert sorted(report.fresh) == ["head.bias", "head.weight"]
+    assert report.missing == report.unexpected == []
+    assert "initialised fresh (task heads): head.weight, head.bias" in str(report)
+    assert "dropped (task heads not in this model): " in str(report)
     torch.testing.assert_close(target.fc_norm.weight, state["norm.weight"].float())
-    with pytest.raises(ValueError, match="strict=True"):
-        load_weights(target, {"model": state}, strict=True)
+    # With no task heads declared, the same load must match everything.
+    with pytest.raises(WeightsMismatchError, match=r"weights do not match the model \(strict\)"):
+        load_weights(target, {"model": state}, task_heads=())
 
 
-def test_finetuned_container_prefers_ema_and_reports_head_mismatch():
+def test_strict_is_the_default_and_a_wrong_file_leaves_the_model_untouched(tmp_path, caplog):
+    """A file of another width: refused by default (create_model and load_weights); non-strict is explicit and
+    summarises what stays at init in one line."""
+    wrong = _random_model(1, embed_dim=48, num_heads=2)
+    torch.save({"model": wrong.state_dict()}, tmp_path / "wrong.pt")
+    target = EvaViT(EvaViTConfig(**TINY))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(WeightsMismatchError) as raised:
+        load_weights(target, tmp_path / "wrong.pt")
+    message = str(raised.value)
+    assert "\n" not in message and "model tensors left at initialisation" in message and "strict=False" in message
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    with pytest.raises(WeightsMismatchError):
+        evamim.create_model("eva_tiny_p16", pretrained=tmp_path / "wrong.pt", **{k: v for k, v in TINY.items()
+                                                                                 if k != "init_std"})
+    report = load_weights(target, tmp_path / "wrong.pt", strict=False)
+    assert not report.ok and len(report.left_at_init) == len(report.mismatched) > 10
+    problem_lines = [line for line in str(report).splitlines() if "NOT MATCHED" in line]
+    assert len(problem_lines) == 1 and f"{len(report.left_at_init)} of " in problem_lines[0]
+    assert " more" in problem_lines[0]  # a few names, not all of them
+
+
+def test_containers_take_model_by_default_and_say_which_was_taken():
     source = _random_model(1, num_classes=10)
     ema = _random_model(2, num_classes=10)
     target = EvaViT(EvaViTConfig(**TINY, num_classes=10))
-    report = load_weights(target, {"model": source.state_dict(), "model_ema": ema.state_dict()})
-    assert report.container_key == "model_ema"
+    both = {"model": source.state_dict(), "model_ema": ema.state_dict()}
+    report = load_weights(target, both)
+    assert report.container_key == "model" and report.other_containers == ["model_ema"]
+    assert "from 'model'; the file also holds 'model_ema'" in str(report)
+    torch.testing.assert_close(target.head.weight, source.head.weight)
+    report = load_weights(target, both, prefer_ema=True)
+    assert report.container_key == "model_ema" and "EMA weights, as asked" in str(report)
     torch.testing.assert_close(target.head.weight, ema.head.weight)
-    report = load_weights(target, {"model": source.state_dict(), "model_ema": ema.state_dict()}, prefer_ema=False)
-    assert report.container_key == "model"
+    timm_style = {"state_dict": source.state_dict(), "state_dict_ema": ema.state_dict()}
+    assert load_weights(target, timm_style, prefer_ema=True).container_key == "state_dict_ema"
+    assert load_weights(target, timm_style).other_containers == ["state_dict_ema"]
+    with pytest.raises(ValueError, match="asked for the EMA weights but the checkpoint has none"):
+        load_weights(target, {"model": source.state_dict()}, prefer_ema=True)
+    plain = load_weights(target, source.state_dict())
+    assert plain.container_key is None and "from a plain state dict" in str(plain)
+
+
+def test_a_task_head_of_another_shape_starts_fresh_and_is_named():
+    source = _random_model(1, num_classes=10)
     other = EvaViT(EvaViTConfig(**TINY, num_classes=3))
     report = load_weights(other, source.state_dict())
-    assert [m[0] for m in report.mismatched] == ["head.weight", "head.bias"]
-    assert report.missing == [] and not report.ok  # mismatched keys are reported once, under mismatched
+    assert report.ok and report.fresh == ["head.weight", "head.bias"]
+    assert [key for key, _, _ in report.reshaped_heads] == ["head.weight", "head.bias"]
+    assert "the file's head.weight is (10, 32), not (3, 32)" in str(report)
+    with pytest.raises(WeightsMismatchError, match="head.weight"):
+        load_weights(other, source.state_dict(), task_heads=())
 
 
 @pytest.mark.parametrize("prefix", ["visual.trunk.", "visual."], ids=["open_clip", "eva_clip"])
@@ -129,7 +182,7 @@ def test_official_eva02_names_load():
         else:
             state[key.replace("mlp.fc2.", "mlp.w3.").replace("mlp.norm.", "mlp.ffn_ln.")
                   .replace("attn.norm.", "attn.inner_attn_ln.")] = value
-    state["rope.freqs_cos"] = torch.randn(4, 16)
+    state["rope.freqs_cos"], state["rope.freqs_sin"] = official_rope_tables(16, pt_seq_len=2, ft_seq_len=2)
     target = EvaViT(EvaViTConfig(**TINY, **options))
     report = load_weights(target, {"module": state}, strict=True)
     assert report.source_format == "official EVA-02"
@@ -142,7 +195,7 @@ def test_resolution_and_patch_size_are_resampled_on_load():
     source = _random_model(5)
     bigger = EvaViT(EvaViTConfig(**{**TINY, "img_size": 56}))
     report = load_weights(bigger, source.state_dict())
-    assert report.ok and report.resampled == ["pos_embed 4 -> 16 patches"]
+    assert report.ok and report.resampled == ["pos_embed 2x2 -> 4x4 patches"]
     patch16 = EvaViT(EvaViTConfig(**{**TINY, "img_size": 32, "patch_size": 16}))
     report = load_weights(patch16, source.state_dict())
     assert any(r.startswith("patch_embed.proj.weight (14, 14) -> (16, 16)") for r in report.resampled)
@@ -205,8 +258,43 @@ def test_missing_and_corrupt_files_have_clear_errors(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "t.pt")
     data = (tmp_path / "t.pt").read_bytes()
     (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
         load_weights(model, tmp_path / "t.pt")
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02" + bytes(range(7, 250)), bytes(range(256)) * 4,
+                                     b"not a checkpoint\n", b""], ids=["pickle_header", "bytes", "text", "empty"])
+def test_garbage_is_reported_corrupt_not_unsafe(tmp_path, content):
+    """Broken bytes are not 'code that would run': they must be reported as not-a-checkpoint."""
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError, match="not a PyTorch checkpoint or is truncated/corrupt"):
+        load_weights(EvaViT(EvaViTConfig(**TINY)), path)
+
+
+def test_safetensors_are_reported_by_their_keys_and_evamim_only_with_its_config(tmp_path):
+    from safetensors.torch import save_file
+
+    source = _random_model(9, swiglu=True, mlp_ratio=8 / 3, sub_ln_mlp=True)
+    timm_state = {k: v.contiguous() for k, v in evamim.to_timm_state_dict(source, qkv_fused=False).items()}
+    save_file(timm_state, str(tmp_path / "timm.safetensors"))
+    target = EvaViT(source.config)
+    assert load_weights(target, tmp_path / "timm.safetensors").source_format == "timm Eva"
+    evamim.save_pretrained(source, tmp_path / "native")
+    report = load_weights(target, tmp_path / "native" / "model.safetensors")
+    assert report.source_format == "evamim" and "metadata of model.safetensors" in str(report)
+
+
+def official_rope_tables(head_dim, pt_seq_len, ft_seq_len, theta=10000.0):
+    """The official EVA-02 VisionRotaryEmbeddingFast buffers (freqs_cos, freqs_sin), written out without einops."""
+    dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    t = torch.arange(ft_seq_len) / ft_seq_len * pt_seq_len
+    freqs = torch.einsum("..., f -> ... f", t, freqs).repeat_interleave(2, -1)  # '... n -> ... (n r)', r=2
+    rows = freqs[:, None, :].expand(ft_seq_len, ft_seq_len, dim)
+    cols = freqs[None, :, :].expand(ft_seq_len, ft_seq_len, dim)
+    freqs = torch.cat((rows, cols), dim=-1)  # broadcat: row angles, then column angles
+    return freqs.cos().reshape(-1, head_dim), freqs.sin().reshape(-1, head_dim)
 
 
 def test_infer_config_from_official_layout():
@@ -217,8 +305,13 @@ def test_infer_config_from_official_layout():
     giant_like = {"cls_token": torch.zeros(1, 1, 1408), "patch_embed.proj.weight": torch.zeros(1408, 3, 14, 14),
                   "pos_embed": torch.zeros(1, 257, 1408), "blocks.39.norm1.weight": torch.zeros(1408),
                   "blocks.0.mlp.fc1.weight": torch.zeros(6144, 1408), "blocks.0.mlp.fc2.weight": torch.zeros(1408, 6144)}
-    config = infer_config(giant_like)
-    assert (config.num_heads, config.depth, config.mlp_hidden_dim) == (16, 40, 6144)
+    inference = infer_architecture(giant_like)
+    assert (inference.config.num_heads, inference.config.depth, inference.config.mlp_hidden_dim) == (16, 40, 6144)
+    assert any("num_heads 16: from the preset eva_giant_p14" in note for note in inference.notes)
+    assert not inference.config.use_rope and not inference.config.post_norm
+    # A config the file carries wins over the preset fallback (heads cannot be read off weights).
+    stated = infer_architecture(giant_like, source_config={"num_heads": 11})
+    assert stated.config.num_heads == 11 and not any("preset" in note for note in stated.notes)
 
 
 def test_convert_cli_official_file_to_evamim_dir(tmp_path, capsys):
@@ -229,7 +322,16 @@ def test_convert_cli_official_file_to_evamim_dir(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "eva.pt"), str(tmp_path / "out"), "--num-heads", "2",
                  "--set", "img_size=56"]) == 0
     printed = capsys.readouterr().out
-    assert "resampled: pos_embed 4 -> 16 patches" in printed
+    assert "resampled: pos_embed 2x2 -> 4x4 patches" in printed
     converted = evamim.create_model(pretrained=tmp_path / "out")
     assert converted.config.img_size == (56, 56) and converted.lm_head.out_features == 24
     torch.testing.assert_close(converted.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight.half().float())
+
+
+def test_a_model_with_non_finite_weights_is_never_saved_as_a_finished_model(tmp_path):
+    model = evamim.create_model("eva_tiny_p16", depth=2, embed_dim=64, num_heads=2)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"1 of \d+ tensors hold NaN or infinite values \(blocks.1.mlp"):
+        evamim.save_pretrained(model, tmp_path / "model")
+    assert not (tmp_path / "model").exists()

@@ -117,3 +117,79 @@ def test_fixed_size_model_rejects_other_sizes_with_a_hint():
 def test_public_api_names():
     assert "eva_giant_p14" in evamim.list_models()
     assert evamim.list_models("eva02_*") == ["eva02_base_p14", "eva02_large_p14", "eva02_small_p14", "eva02_tiny_p14"]
+
+
+# ------------------------------------------------------------------------------------------ post-norm blocks
+def test_post_norm_blocks_match_timm_eva_block_post_norm():
+    """EVA02-E's post-norm blocks: timm's own EvaBlockPostNorm (use_post_norm=True) at tiny dims."""
+    model, reference = _pair(dict(TINY, post_norm=True, global_pool="token", num_classes=3))
+    assert isinstance(reference.blocks[0], timm_eva.EvaBlockPostNorm)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
+        pre_norm = EvaViT(EvaViTConfig(**dict(TINY, global_pool="token", num_classes=3))).eval()
+        pre_norm.load_state_dict(model.state_dict())
+        assert (pre_norm(images) - reference(images)).abs().max() > 1e-2  # the block type really matters
+
+
+# ------------------------------------------------------------------------- export into stock architectures
+STOCK = {
+    # timm registration -> the evamim preset with the same architecture
+    "eva02_base_patch14_224": "eva02_base_p14",  # separate q/k/v, split SwiGLU with sub-LN, RoPE ref 16
+    "eva02_tiny_patch14_224": "eva02_tiny_p14",  # fused qkv, packed SwiGLU, RoPE ref 16
+    "eva_giant_patch14_224": "eva_giant_p14",  # EVA-01: fused qkv, GELU, MLP 6144/1408
+}
+TINY_SHAPE = dict(img_size=56, embed_dim=64, depth=2, num_heads=4)
+
+
+@pytest.mark.parametrize("timm_name", sorted(STOCK))
+def test_export_loads_strictly_into_stock_timm_models(timm_name):
+    """Only the size is given to timm: everything else is the stock registration's (qkv_fused, SwiGLU, RoPE)."""
+    import timm
+
+    config = evamim.models.presets.model_config(STOCK[timm_name], **TINY_SHAPE, dynamic_img_size=True,
+                                                pos_embed_antialias=True)
+    model = EvaViT(config).eval()
+    _randomize(model, 4)
+    reference = timm.create_model(timm_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                  **TINY_SHAPE).eval()
+    reference.load_state_dict(to_timm_state_dict(model), strict=True)
+    assert timm_model_kwargs(config)["qkv_fused"] == (reference.blocks[0].attn.qkv is not None)
+    for size in (56, 84):  # native, and another resolution through dynamic_img_size
+        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
+
+
+def test_export_of_a_resize_timm_cannot_reproduce_is_refused_unless_allowed():
+    config = EvaViTConfig(**dict(TINY, dynamic_img_size=True))  # pos_embed_antialias=False: official EVA
+    with pytest.raises(ValueError, match="always antialiases"):
+        timm_model_kwargs(config)
+    assert timm_model_kwargs(config, allow_resize_difference=True)["dynamic_img_size"]
+    assert not timm_model_kwargs(EvaViTConfig(**TINY))["dynamic_img_size"]  # fixed size: nothing to resample
+    with pytest.raises(ValueError, match="LayerNorm eps"):
+        timm_model_kwargs(EvaViTConfig(**dict(TINY, norm_eps=1e-5)))
+
+
+def test_open_clip_export_loads_strictly_into_open_clip_eva_tower(monkeypatch):
+    """open_clip's EVA02-B-16 vision tower (TimmModel over timm's eva02_base_patch16_clip_224, token pool, the
+    trunk's head as the CLIP projection), built at tiny dims: strict load, same outputs, and back again."""
+    import timm
+    from open_clip.timm_model import TimmModel
+
+    shape = dict(img_size=32, embed_dim=64, depth=2, num_heads=4)
+    stock_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: stock_create(name, **kwargs, **shape))
+    tower = TimmModel("eva02_base_patch16_clip_224", embed_dim=24, image_size=32, pool="token", proj=None).eval()
+    config = EvaViTConfig(**shape, patch_size=16, swiglu=True, mlp_ratio=8 / 3, sub_ln_mlp=True, sub_ln_attn=True,
+                          use_rope=True, rope_ref_grid=(16, 16), global_pool="token", num_classes=24)
+    model = EvaViT(config).eval()
+    _randomize(model, 5)
+    state = evamim.models.checkpoint.to_open_clip_state_dict(model)
+    assert all(key.startswith("visual.trunk.") for key in state)
+    tower.load_state_dict({key[len("visual."):]: value for key, value in state.items()}, strict=True)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(tower(images), model(images), atol=1e-5, rtol=1e-5)
+    back = EvaViT(config)
+    assert load_weights(back, state).source_format == "open_clip EVA tower"

@@ -13,7 +13,7 @@ import sys
 # name -> (module, one-line help). The module is imported only when its command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("evamim.tasks.pretrain", "EVA pre-training: regress frozen CLIP features at masked patches"),
-    "convert": ("evamim.models.convert", "convert official EVA / timm / open_clip weights to an evamim model directory"),
+    "convert": ("evamim.models.convert", "convert official EVA / timm / open_clip / evamim weights (to evamim, timm or open_clip)"),
     "data": ("evamim.data.cli", "prepare and inspect datasets (make-shards, inspect)"),
     "bench": ("evamim.bench.cli", "measure throughput, MFU and memory (model, data, pretrain)"),
     "demo": ("evamim.tasks.demo", "a small pre-training run on built-in synthetic images, on CPU"),

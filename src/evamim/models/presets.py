@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Any
+from typing import Any, Sequence
 
+from evamim.models.checkpoint import TASK_HEADS
 from evamim.models.vit import EvaViT, EvaViTConfig
 
 _EVA02 = dict(patch_size=14, mlp_ratio=4 * 2 / 3, swiglu=True, use_rope=True, rope_ref_grid=(16, 16), init_std=0.02)
@@ -45,7 +46,9 @@ def create_model(
     pretrained: str | os.PathLike | dict | None = None,
     *,
     device: Any = None,
-    strict: bool = False,
+    strict: bool = True,
+    task_heads: Sequence[str] = TASK_HEADS,
+    prefer_ema: bool = False,
     **overrides: Any,
 ) -> EvaViT:
     """Build an EvaViT from a preset name, optionally loading weights.
@@ -55,6 +58,9 @@ def create_model(
       open_clip, evamim directory or .safetensors); pos_embed / patch kernels are resampled when the sizes differ.
     - ``create_model(pretrained=evamim_dir)``: the architecture comes from the directory's config.json;
       ``overrides`` still apply (e.g. ``num_classes=1000``, ``img_size=336``).
+    Loading is strict (see ``evamim.load_weights``): every backbone tensor must match the file, only the
+    ``task_heads`` (classifier ``head``, MIM ``lm_head``, ``mask_token``) may be new or dropped, and the log
+    says which. ``strict=False`` loads what matches and logs one warning line about the rest.
     ``device="meta"`` builds without allocating memory (parameter counting, FLOPs).
     """
     from evamim.models import checkpoint
@@ -72,6 +78,7 @@ def create_model(
     else:
         model = EvaViT(config)
     if pretrained is not None:
-        report = checkpoint.load_weights(model, pretrained, strict=strict)
+        report = checkpoint.load_weights(model, pretrained, strict=strict, task_heads=task_heads,
+                                         prefer_ema=prefer_ema)
         report.log()
     return model

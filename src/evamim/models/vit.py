@@ -1,4 +1,5 @@
-"""EvaViT: the plain ViT of EVA-01, with the EVA-02 options (2-D RoPE, SwiGLU, sub-LN, layer scale).
+"""EvaViT: the plain ViT of EVA-01, with the EVA-02 options (2-D RoPE, SwiGLU, sub-LN, layer scale) and the
+post-norm blocks of EVA02-E.
 
 Conventions used throughout:
 - Images are (B, 3, H, W), normalised by the caller (CLIP mean/std for EVA).
@@ -9,7 +10,7 @@ Conventions used throughout:
 
 Parameter names follow the official EVA-01 checkpoints and timm's ``Eva`` (``blocks.{i}.attn.qkv.weight``,
 ``q_bias``, ``v_bias``, ``norm``/``fc_norm``, ``lm_head``), so weights move between them with renames only
-where EVA-02 differs (see ``checkpoint.py``).
+where EVA-02 differs (see ``layouts.py``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class EvaViTConfig:
     sub_ln_mlp: bool = False
     """EVA-02 sub-LN inside the MLP, before fc2."""
     layer_scale_init: float | None = None
+    post_norm: bool = False
+    """Post-norm blocks (EVA02-E; timm ``use_post_norm``): ``x + norm1(attn(x))`` then ``x + norm2(mlp(x))``
+    instead of ``x + attn(norm1(x))``. Layer scale, if set, multiplies the normalised branch (official EVA-CLIP).
+    The parameter names are the same as pre-norm ones, so weights cannot say which a model is."""
     drop_path_rate: float = 0.0
     init_std: float = 0.015
     dynamic_img_size: bool = False
@@ -225,11 +230,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)), each optionally layer-scaled."""
+    """Pre-LN transformer block: x + attn(norm1(x)), then + mlp(norm2(x)), each optionally layer-scaled.
+    With ``config.post_norm``: x + norm1(attn(x)), then + norm2(mlp(x)) (same parameters)."""
 
     def __init__(self, config: EvaViTConfig, drop_path_rate: float):
         super().__init__()
         dim = config.embed_dim
+        self.post_norm = config.post_norm
         self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
@@ -242,11 +249,12 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        branch = self.attn(self.norm1(x), rope)
+        # Post-norm (EVA02-E) normalises what each branch returns; pre-norm normalises what it reads.
+        branch = self.norm1(self.attn(x, rope)) if self.post_norm else self.attn(self.norm1(x), rope)
         if self.gamma_1 is not None:
             branch = self.gamma_1 * branch
         x = x + drop_path(branch, self.drop_path_rate, self.training)
-        branch = self.mlp(self.norm2(x))
+        branch = self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             branch = self.gamma_2 * branch
         return x + drop_path(branch, self.drop_path_rate, self.training)
