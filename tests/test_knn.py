@@ -191,9 +191,10 @@ def test_knn_cli_errors_say_what_to_change(tmp_path, capsys):
                  "data.image_size=32", "data.num_workers=0", f"output_dir={tmp_path}"]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().out
 
+    # The path is read (its source inferred), not ignored: what is missing is the validation set.
     assert main(["knn", *TINY, f"data.path={tmp_path}", f"output_dir={tmp_path}"]) == 2
     message = capsys.readouterr().out
-    assert "data.source is 'synthetic'" in message and "val_data.path" in message
+    assert "no validation set" in message and "val_data.path" in message
 
     assert main(["knn", *TINY, "val_data.holdout=0.2", f"output_dir={tmp_path}"]) == 2
     assert "data.image_size=32" in capsys.readouterr().out  # the 32 px backbone vs the default 224 px data

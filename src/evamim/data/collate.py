@@ -8,6 +8,8 @@ Batch keys (present when the samples have them):
 - ``num_bad``: int, samples that failed to load while this batch was made (already skipped).
 - ``bad_samples``: list of ``path: reason`` lines for those failures.
 - ``shards_done``: shards fully consumed once this batch is (shards; used by the loader to resume).
+- ``num_items``: how many dataset items the batch was made of, markers included (the loader uses it
+  to drop a worker's partial last batch after counting its failures, and removes it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Collator:
             "images": default_collate([sample["image"] for sample in good]) if good else torch.empty(0, 3, 0, 0),
             "num_bad": len(bad),
             "bad_samples": bad,
+            "num_items": len(samples),
         }
         if good and self.mask_generator is not None:
             batch["masks"] = torch.cat([self._mask(sample["seed_key"]) for sample in good])

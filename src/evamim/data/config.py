@@ -6,23 +6,34 @@ a config library. Sequences may arrive as lists from YAML: the builders convert 
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 from evamim.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
-SOURCE_KINDS = ("folder", "list", "shards", "synthetic")
+SOURCE_KINDS = ("auto", "folder", "list", "shards", "synthetic")
+# Marks that make a data.path a shard specification whatever exists on disk: brace patterns, several
+# patterns joined by ::, commands and URLs, and tar archives (webdataset reads .tar, .tar.gz and .tgz).
+SHARD_MARKERS = ("{", "::", "pipe:", "://")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Image files a folder source reads (also used to tell a single image from a list file).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 SHARD_SAMPLING = ("split", "resample")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
+
+logger = logging.getLogger("evamim.data")
 
 
 @dataclass
 class DataConfig:
     """Where images come from, how they are augmented and how they are loaded."""
 
-    source: str = "synthetic"
+    source: str = "auto"
     """One of ``folder`` (ImageFolder tree or flat folder), ``list`` (text file of image paths,
-    optionally ``path label`` per line), ``shards`` (WebDataset tar shards) or ``synthetic``
-    (procedurally drawn shapes with captions; needs no files)."""
+    optionally ``path label`` per line), ``shards`` (WebDataset tar shards), ``synthetic``
+    (procedurally drawn shapes with captions; needs no files) or ``auto``: inferred from ``path``
+    when the config is built (see ``infer_source``; logged once at INFO), synthetic without a path."""
 
     path: str = ""
     """Folder root, list file, or shards: a local path, a brace pattern
@@ -145,15 +156,42 @@ class DataConfig:
     """Synthetic: side of the drawn image before cropping, in pixels."""
 
     def __post_init__(self) -> None:
+        _one_of("source", self.source, SOURCE_KINDS)
+        self.resolve_source()
         self.validate()
+
+    def resolve_source(self) -> str:
+        """The source kind actually read: ``source``, or the kind inferred from ``path`` for ``auto``.
+
+        With ``source=auto`` and a path, the inferred kind replaces ``auto`` (logged once), so that
+        the saved config and every later reader see it. ``auto`` without a path stays ``auto`` and
+        reads as ``synthetic``: a config whose path is filled in later still gets it inferred.
+
+        Raises:
+            ValueError: ``auto`` with a path that does not exist (the path is named).
+        """
+        if self.source != "auto":
+            return self.source
+        if not str(self.path):
+            return "synthetic"
+        self.source = infer_source(str(self.path))
+        logger.info("data.source inferred: %s (from data.path=%s)", self.source, self.path)
+        return self.source
 
     def validate(self) -> None:
         """Raise ValueError naming the field when a setting is out of range."""
         _one_of("source", self.source, SOURCE_KINDS)
         _one_of("shard_sampling", self.shard_sampling, SHARD_SAMPLING)
         _one_of("interpolation", self.interpolation, INTERPOLATIONS)
-        if self.source != "synthetic" and not str(self.path):
+        if self.source in ("folder", "list", "shards") and not str(self.path):
             raise ValueError(f"data.path is empty: source {self.source!r} needs a folder, list file or shards")
+        if self.source == "synthetic" and str(self.path):
+            # A path next to the synthetic source used to be ignored silently: a run then trained on
+            # drawn shapes while its owner believed it read their images.
+            raise ValueError(
+                f"data.source=synthetic draws its own images and would ignore data.path={self.path}: "
+                "remove data.path, or set data.source to folder, list or shards (or auto to infer it from the path)"
+            )
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
         for name in ("crop_scale", "finetune_crop_scale"):
@@ -178,6 +216,40 @@ class DataConfig:
             raise ValueError("data.prefetch_factor, data.max_image_pixels and data.synthetic_size must be >= 1")
         if self.synthetic_resolution < 8:
             raise ValueError(f"data.synthetic_resolution must be >= 8, got {self.synthetic_resolution}")
+
+
+def infer_source(path: str, name: str = "data.path") -> str:
+    """``folder``, ``list`` or ``shards``: the source kind a ``data.path`` names.
+
+    - a brace pattern, ``::``-joined patterns, a ``pipe:`` command, a URL, or a ``.tar`` (``.tar.gz``,
+      ``.tgz``) file name: ``shards``;
+    - a folder holding ``*.tar`` files directly: ``shards``; any other folder: ``folder``;
+    - any other file: ``list`` (a text file of image paths).
+
+    ``name`` is how error messages call the path (``data.path``, ``val_data.path`` ...).
+
+    Raises:
+        ValueError: the path does not exist, or is a single image file; the path is named.
+    """
+    if any(marker in path for marker in SHARD_MARKERS) or path.endswith(SHARD_SUFFIXES):
+        return "shards"
+    if os.path.isdir(path):
+        return "shards" if _holds_tar_files(path) else "folder"
+    if os.path.isfile(path):
+        if path.lower().endswith(IMAGE_EXTENSIONS):
+            raise ValueError(
+                f"{name} {path} is a single image, not a dataset: give the folder holding the images, "
+                "or a list file naming them"
+            )
+        return "list"
+    if os.path.islink(path):
+        raise ValueError(f"{name} {path} is a broken or looping symlink: fix the link, or give another path")
+    raise ValueError(f"{name} {path} does not exist (expected an image folder, a list file or shards)")
+
+
+def _holds_tar_files(folder: str) -> bool:
+    with os.scandir(folder) as entries:
+        return any(entry.name.endswith(SHARD_SUFFIXES) for entry in entries)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

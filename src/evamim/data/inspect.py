@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from evamim.data.config import infer_source
 from evamim.data.decode import BadSample, decode_image_and_format
 from evamim.data.files import FileEntry, read_list, scan_folder
 from evamim.data.shards import IMAGE_KEYS, caption_of, expand_shards, label_of, shard_events
@@ -27,6 +28,7 @@ class InspectReport:
     bad: list[str] = dataclasses.field(default_factory=list)
     examples: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     shard_errors: list[str] = dataclasses.field(default_factory=list)  # shards (partly) unreadable
+    skipped: list[str] = dataclasses.field(default_factory=list)  # links and folders the folder scan skipped
     complete: bool = True  # False when --limit stopped the check early
 
     @property
@@ -38,16 +40,12 @@ class InspectReport:
 
 
 def detect_kind(path: str) -> str:
-    """``folder``, ``list`` or ``shards`` for a path, pattern or URL."""
-    if any(marker in path for marker in ("{", "::", "pipe:", "://")) or path.endswith(".tar"):
-        return "shards"
-    if os.path.isdir(path):
-        if any(name.endswith(".tar") for name in os.listdir(path)):
-            return "shards"
-        return "folder"
-    if os.path.isfile(path):
-        return "list"
-    raise FileNotFoundError(f"{path} does not exist (expected an image folder, a list file or shards)")
+    """``folder``, ``list`` or ``shards`` for a path, pattern or URL: the rules of ``data.source=auto``.
+
+    Raises:
+        ValueError: the path does not exist or is a single image (the path is named).
+    """
+    return infer_source(path, name="path")
 
 
 def inspect_data(path: str, *, limit: int = 1000, show: int = 5, max_pixels: int = 89_478_485) -> InspectReport:
@@ -56,11 +54,12 @@ def inspect_data(path: str, *, limit: int = 1000, show: int = 5, max_pixels: int
     kind = detect_kind(path)
     if kind == "shards":
         return _inspect_shards(path, limit, show, max_pixels)
+    skipped: list[str] = []
     if kind == "folder":
-        entries, classes, layout = _folder_entries(Path(path))
+        entries, classes, layout = _folder_entries(Path(path), skipped)
     else:
         entries, classes, layout = _list_entries(path)
-    report = InspectReport(path, kind, layout, total=len(entries))
+    report = InspectReport(path, kind, layout, total=len(entries), skipped=skipped)
     checked = entries if limit <= 0 else entries[:limit]
     report.complete = len(checked) == len(entries)
     for entry in checked:
@@ -68,14 +67,15 @@ def inspect_data(path: str, *, limit: int = 1000, show: int = 5, max_pixels: int
     return report
 
 
-def _folder_entries(root: Path) -> tuple[list[FileEntry], list[str], str]:
+def _folder_entries(root: Path, skipped: list[str]) -> tuple[list[FileEntry], list[str], str]:
     try:
-        entries, classes = scan_folder(root, labels=True)
+        entries, classes = scan_folder(root, labels=True, skipped=skipped)
         return entries, classes, f"ImageFolder layout, {len(classes)} classes"
     except FileNotFoundError:
         # Not a class layout (loose images, or an empty class folder): list every image instead, and
         # say so; scan_folder still raises for a missing or image-less folder.
-        entries, _ = scan_folder(root, labels=False)
+        skipped.clear()  # the second scan meets the same links again
+        entries, _ = scan_folder(root, labels=False, skipped=skipped)
         return entries, [], "images without a class-folder layout"
 
 
@@ -149,6 +149,9 @@ def format_report(report: InspectReport, max_bad_lines: int = 20) -> str:
     if report.shard_errors:
         lines.append(f"unreadable shards: {len(report.shard_errors)}")
         lines.extend(f"  {line}" for line in report.shard_errors[:max_bad_lines])
+    if report.skipped:
+        lines.append(f"skipped while scanning the folder: {len(report.skipped)}")
+        lines.extend(f"  {line}" for line in report.skipped[:max_bad_lines])
     if report.examples:
         lines.append("examples:")
     for example in report.examples:

@@ -13,6 +13,11 @@ iteration continues where it stopped. ``state_dict()`` counts the batches handed
 
 Resume guarantees: map-style sources resume exactly (the rest of the epoch, each sample once, the
 same crops and masks); shards resume at shard granularity (see ``evamim.data.shards``).
+
+Bad samples: every failure reaches the training process inside a batch and is counted, also those of
+a partial last batch that ``drop_last`` discards. ``bad_sample_totals()`` gives this process's totals
+since the run started (they are part of the state, so they survive a resume). An epoch in which
+every sample failed stops with ``TooManyBadSamples`` naming the failures.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from evamim.data.collate import Collator, MaskGenerator
 from evamim.data.config import DataConfig
-from evamim.data.failures import BadSampleMonitor
+from evamim.data.failures import BadSampleMonitor, TooManyBadSamples
 from evamim.data.mapstyle import MapDataset
 from evamim.data.sampler import ResumableDistributedSampler
 from evamim.data.shards import ShardDataset
@@ -35,6 +40,7 @@ from evamim.data.transforms import PURPOSES, build_transform
 logger = logging.getLogger("evamim.data")
 
 STATE_FORMAT = 1
+FAILURES_SHOWN = 5  # failure lines quoted when an epoch delivered nothing
 
 
 def distributed_rank_world() -> tuple[int, int]:
@@ -82,6 +88,9 @@ class Loader:
         self._position = 0  # map-style: global samples consumed in this epoch (all ranks)
         self._consumed = 0  # shards: samples this rank consumed in this epoch
         self._shards_done: set[str] = set()
+        # Cumulative over the run (restored on resume), unlike the monitor's window and totals.
+        self._samples_tried = 0
+        self._samples_bad = 0
         # DataLoader draws its workers' base seed from this generator instead of the global torch RNG, so
         # starting an epoch (or resuming mid-epoch) leaves the training RNG stream (dropout, drop path) intact.
         self._generator = torch.Generator().manual_seed(seed)
@@ -106,9 +115,11 @@ class Loader:
         else:
             self.sampler = None
             # Shard workers restart every epoch: a fresh worker copies the dataset, and with it the
-            # epoch, the shards to skip and the samples already consumed.
+            # epoch, the shards to skip and the samples already consumed. Each worker's partial last
+            # batch is dropped here, not by the DataLoader: it carries the failures (and finished
+            # shards) met since the previous batch, which must still be counted.
             self._dataloader = DataLoader(
-                dataset, batch_size=batch_size, drop_last=drop_last, persistent_workers=False, **workers
+                dataset, batch_size=batch_size, drop_last=False, persistent_workers=False, **workers
             )
 
     # ------------------------------------------------------------------ iteration
@@ -127,17 +138,38 @@ class Loader:
 
     def __iter__(self):
         self._prepare()
+        loaded, failures, shown = 0, 0, []
         for batch in self._dataloader:
             shards_done = batch.pop("shards_done", [])
+            items = batch.pop("num_items", self.batch_size)
             count = int(batch["images"].shape[0])
-            self.monitor.update(count, batch["bad_samples"])
-            if count:
-                self._advance(count)
+            self._count(count, batch["bad_samples"])
+            loaded, failures = loaded + count, failures + len(batch["bad_samples"])
+            shown.extend(batch["bad_samples"][: FAILURES_SHOWN - len(shown)])
             if not self.is_map_style and self.dataset.sampling == "split":
                 self._shards_done.update(shards_done)
-            if count:
-                yield batch
+            if not count or (self.drop_last and items < self.batch_size):
+                continue
+            self._advance(count)
+            yield batch
+        if failures and not loaded:
+            raise TooManyBadSamples(_nothing_loaded_message(self._epoch, failures, shown))
         self.set_epoch(self._epoch + 1)
+
+    def _count(self, loaded: int, failures: list[str]) -> None:
+        self._samples_tried += loaded + len(failures)
+        self._samples_bad += len(failures)
+        self.monitor.update(loaded, failures)
+
+    def bad_sample_totals(self) -> dict[str, int]:
+        """``{"samples_tried": int, "samples_bad": int}`` of this process since the run started.
+
+        Tried = loaded plus failed (a bad sample replaced by the next index counts as two tries, a
+        good sample dropped with a partial last batch as one); bad = failed to load or to transform.
+        Totals before a resume are included (they travel in ``state_dict()``); each rank counts its
+        own samples, so sum them over ranks for the run's totals.
+        """
+        return {"samples_tried": self._samples_tried, "samples_bad": self._samples_bad}
 
     def _prepare(self) -> None:
         self._generator.manual_seed(self._seed + self._epoch)
@@ -172,8 +204,9 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """Position in the data, to save in a checkpoint (after the step that used the last batch).
 
-        Map-style: the global position is the same on every rank, so rank 0's state suffices.
-        Shards: the consumed shards differ per rank; save each rank's state.
+        Map-style: the global position is the same on every rank, so rank 0's state suffices for
+        it. Shards: the consumed shards differ per rank; save each rank's state. The bad-sample totals
+        (``samples_tried``, ``samples_bad``) are this rank's: save each rank's state to keep them.
         """
         state: dict[str, Any] = {"format": STATE_FORMAT, "epoch": self._epoch}
         if self.is_map_style:
@@ -194,6 +227,7 @@ class Loader:
                 rank=self.rank,
                 world_size=self.world_size,
             )
+        state.update(self.bad_sample_totals())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,6 +258,9 @@ class Loader:
                 f"Start that epoch over with loader.set_epoch({epoch}) or the next one with loader.set_epoch({epoch + 1})"
             )
         self.set_epoch(epoch)
+        # States saved before the totals existed read as zero: the run's counts restart, nothing fails.
+        self._samples_tried = int(state.get("samples_tried", 0))
+        self._samples_bad = int(state.get("samples_bad", 0))
         if self.is_map_style:
             self._position = int(state["position"])
             return
@@ -237,6 +274,15 @@ class Loader:
             return
         self._consumed = int(state["consumed"])
         self._shards_done = set(state["shards_done"])
+
+
+def _nothing_loaded_message(epoch: int, failures: int, shown: list[str]) -> str:
+    lines = "\n  ".join(shown)
+    more = f"\n  ... and {failures - len(shown)} more" if failures > len(shown) else ""
+    return (
+        f"no sample of epoch {epoch} could be used: all {failures} failed to load. The first failures:\n  "
+        f"{lines}{more}\nFix data.path or these files (`evamim data inspect PATH` checks them)."
+    )
 
 
 def _brief(state: dict[str, Any]) -> str:

@@ -1,10 +1,11 @@
 """``MapDataset``: indexable dataset over a map-style source (files or synthetic), bad samples replaced.
 
-A bad sample (unreadable, truncated, not an image, too large) is replaced by the next index that
-loads, so batches always stay full; the failure travels inside the returned sample (``"bad"``:
-``path: reason`` lines) to be counted and logged in the main process. Each bad file is reported
-once per epoch (when its own index is requested), even if it is also met as a replacement. The replacement keeps the
-*requested* sample's random stream (its crop and mask), so the run stays deterministic.
+A bad sample (unreadable, truncated, not an image, too large, a symlink loop, or an image its
+transform raises on) is replaced by the next index that loads, so batches always stay full; the
+failure travels inside the returned sample (``"bad"``: ``path: reason`` lines) to be counted and
+logged in the main process. Each bad file is reported once per epoch (when its own index is
+requested), even if it is also met as a replacement. The replacement keeps the *requested* sample's
+random stream (its crop and mask), so the run stays deterministic.
 """
 
 from __future__ import annotations

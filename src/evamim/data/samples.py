@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from evamim.data.decode import BadSample
+from evamim.data.decode import BadSample, transform_guard
 
 # Separate streams so that the crop and the mask of a sample are independent draws.
 AUGMENT_STREAM = 0
@@ -54,7 +54,8 @@ def make_sample(
     "label": int, "caption": str}``; ``label``/``caption`` only when asked for.
 
     Raises:
-        BadSample: when a label or caption is asked for but the sample has none.
+        BadSample: when a label or caption is asked for but the sample has none, or
+            ``TransformFailed`` (a ``BadSample``) when the transform raises on this image.
     """
     sample: dict[str, Any] = {"seed_key": seed_key}
     if labels:
@@ -65,5 +66,6 @@ def make_sample(
         if raw.caption is None:
             raise BadSample(f"no caption (data.captions is on) in {where}")
         sample["caption"] = raw.caption
-    sample["image"] = plan(raw.image)
+    with transform_guard():
+        sample["image"] = plan(raw.image)
     return sample

@@ -5,8 +5,9 @@
 - ``shards``: ``ShardDataset`` over WebDataset tar shards
 - ``synthetic``: ``SyntheticShapes`` (drawn shapes with captions and shape labels)
 
-Map-style sources become a ``MapDataset``; shards an iterable ``ShardDataset``. A missing or empty
-path fails here, at construction, with the path in the message.
+``auto`` reads the kind inferred from ``path`` (``DataConfig.resolve_source``), synthetic without a
+path. Map-style sources become a ``MapDataset``; shards an iterable ``ShardDataset``. A missing or
+empty path fails here, at construction, with the path in the message.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ logger = logging.getLogger("evamim.data")
 
 def build_source(cfg: DataConfig) -> Any:
     """The map-style source of ``cfg`` (folder, list or synthetic); not for shards."""
-    if cfg.source == "folder":
+    kind = cfg.resolve_source()
+    if kind == "folder":
         return FileSource.from_folder(cfg.path, labels=cfg.labels)
-    if cfg.source == "list":
+    if kind == "list":
         return FileSource.from_list(cfg.path, labels=cfg.labels)
-    if cfg.source == "synthetic":
+    if kind == "synthetic":
         return SyntheticShapes(cfg.synthetic_size, cfg.synthetic_resolution, seed=cfg.seed)
-    raise ValueError(f"data.source {cfg.source!r} is not a map-style source")
+    raise ValueError(f"data.source {kind!r} is not a map-style source")
 
 
 def build_dataset(
@@ -48,10 +50,11 @@ def build_dataset(
     ``rank``/``world_size`` only matter for shards (map-style datasets are split by the sampler).
     ``shuffle`` overrides ``cfg.shuffle`` (evaluation reads shards in order).
     """
+    kind = cfg.resolve_source()  # a path set after the config was built is inferred now
     cfg.validate()
     transform = as_image_transform(transform)
     common = dict(seed=cfg.seed, labels=cfg.labels, captions=cfg.captions, max_image_pixels=cfg.max_image_pixels)
-    if cfg.source == "shards":
+    if kind == "shards":
         urls = expand_shards(cfg.path)
         shards_per_rank = len(urls) // world_size
         if cfg.shard_sampling == "split" and shards_per_rank < max(1, cfg.num_workers):

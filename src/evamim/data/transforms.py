@@ -399,6 +399,8 @@ class FinetuneTransform(ImageTransform):
 
     Output ``(3, size, size)`` float32, normalised. Randomness comes from timm (Python's ``random``
     and torch's generator, seeded per DataLoader worker), so crops are not reproduced on resume.
+    timm's posterize operations are swapped for ``posterize_keeping_bits`` (see there), which
+    Pillow 13 no longer crashes on.
     """
 
     def __init__(
@@ -434,6 +436,7 @@ class FinetuneTransform(ImageTransform):
             re_mode="pixel",
             re_count=1,
         )
+        patch_posterize(self.timm_transform)
 
     def draft_size(self, width: int, height: int) -> tuple[int, int] | None:
         if not self.jpeg_draft:
@@ -445,6 +448,53 @@ class FinetuneTransform(ImageTransform):
 
     def __repr__(self) -> str:
         return f"FinetuneTransform({self.timm_transform!r})"
+
+
+def posterize_keeping_bits(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Keep the ``bits_to_keep`` most significant bits of every channel, for any count from 0 to 8.
+
+    timm's RandAugment ``PosterizeIncreasing`` asks for 4 - int(0.4 x magnitude) bits: 0 bits when
+    the magnitude reaches 10 (with ``rand-m9-mstd0.5`` the drawn magnitude is clipped to 10 about 2% of
+    the time, so roughly 4 in 2,000 images). Pillow up to 12 kept 0 bits, which gives an all-black
+    image; Pillow 13 raises ValueError for it and the run died. Asking Pillow for 1 bit instead
+    would not be faithful (it keeps 0 or 128 per channel, a visibly different image), so 0 bits here
+    is black, exactly what the recipe did when it was published. 1 to 7 bits go to Pillow as before.
+    """
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point([0] * 256 * len(image.getbands()))
+    from PIL import ImageOps
+
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def patch_posterize(timm_transform: Any) -> int:
+    """Swap ``posterize_keeping_bits`` into every timm posterize op found in ``timm_transform``.
+
+    Works on the ops of RandAugment, AutoAugment and AugMix wherever they sit in a Compose.
+    Returns how many ops were patched.
+    """
+    from timm.data import auto_augment
+
+    patched = 0
+    for op in _augment_ops(timm_transform):
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize_keeping_bits
+            patched += 1
+    return patched
+
+
+def _augment_ops(node: Any) -> list[Any]:
+    """timm ``AugmentOp`` instances below ``node`` (Compose.transforms, RandAugment/AugMix ops,
+    AutoAugment policy: lists of lists of ops)."""
+    from timm.data.auto_augment import AugmentOp
+
+    if isinstance(node, AugmentOp):
+        return [node]
+    if isinstance(node, (list, tuple)):
+        return [op for child in node for op in _augment_ops(child)]
+    return [op for name in ("transforms", "ops", "policy") for op in _augment_ops(getattr(node, name, None) or [])]
 
 
 PURPOSES = ("pretrain", "finetune", "eval")

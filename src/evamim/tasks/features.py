@@ -497,7 +497,7 @@ def dataset_identity(loader: Any) -> dict[str, Any]:
 
 
 def _data_fields(data_cfg: Any) -> tuple[str, ...]:
-    return EVAL_DATA_FIELDS + (SYNTHETIC_DATA_FIELDS if data_cfg.source == "synthetic" else ())
+    return EVAL_DATA_FIELDS + (SYNTHETIC_DATA_FIELDS if data_cfg.resolve_source() == "synthetic" else ())
 
 
 def feature_fingerprint(model: nn.Module, data_cfg: Any, loader: Any, request: FeatureRequest, dtype: torch.dtype) -> str:
