@@ -63,3 +63,35 @@ def test_roundtrip_through_saved_yaml(tmp_path):
     save_config(config, tmp_path / "resolved.yaml")
     assert load_config(Run, tmp_path / "resolved.yaml") == config
     assert list(to_dict(config)["optim"]["betas"]) == [0.9, 0.98]
+
+
+def test_a_directory_or_a_binary_file_as_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; give a YAML file$"):
+        load_config(Run, tmp_path)
+    (tmp_path / "config.yaml").write_text("seed: 1\n")  # a run directory: point at its resolved config
+    with pytest.raises(ConfigError, match=f"is a directory; give a YAML file, e.g. {tmp_path / 'config.yaml'}"):
+        load_config(Run, tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"\x80\x81\xfe\xff" * 8)
+    with pytest.raises(ConfigError, match="weights.bin"):
+        load_config(Run, tmp_path / "weights.bin")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"), ("optim.min_lr=-1", "optim.min_lr"), ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.name=adam", "optim.name"), ("optim.schedule=step", "optim.schedule"), ("optim.betas=[0.9,1]", "optim.betas"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"), ("optim.layer_decay=0", "optim.layer_decay"),
+    ("optim.momentum=1", "optim.momentum"),
+])
+def test_optim_settings_are_checked_when_the_config_is_built(override, key):
+    from evamim.engine.optim import OptimConfig
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(OptimConfig, None, [override.removeprefix("optim.")])
+
+
+def test_warmup_is_set_one_way_and_the_edges_are_accepted():
+    from evamim.engine.optim import OptimConfig
+
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(OptimConfig, None, ["warmup_steps=10", "warmup_epochs=1"])
+    load_config(OptimConfig, None, ["warmup_steps=10", "lr=0", "betas=[0,0.999]", "layer_decay=1"])

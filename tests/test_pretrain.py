@@ -108,6 +108,11 @@ def test_pretraining_on_a_folder_with_a_corrupt_file_skips_it(teacher_dir, tmp_p
         result = run_pretrain(load_config(PretrainConfig, None, overrides))
     assert result.step == 3 and result.nonfinite_skipped == 0
     assert "05_broken.jpg" in caplog.text  # reported with its path
+    # ... and counted where the run's record is kept.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"]["samples_bad"] == 1 and summary["data"]["samples_tried"] >= 13
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["samples_bad"] == 1
 
 
 @pytest.mark.parametrize(

@@ -384,3 +384,55 @@ def test_random_tag_builds_the_architecture_without_weights(clip_files):
     targets = teacher(torch.randn(2, 3, 32, 32))
     assert targets.shape[0] == 2 and targets.shape[-1] == teacher.embed_dim
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------------------- checks before building
+def _no_weights_or_models(monkeypatch):
+    """Downloading or loading weights, or building a real teacher, fails the test."""
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were looked up or a model was built before the refusal")
+
+    import evamim.teachers.open_clip as open_clip_backend
+    import evamim.teachers.timm as timm_backend
+
+    monkeypatch.setattr(timm_backend, "_weights_file", fail)
+    monkeypatch.setattr(open_clip_backend, "_tag_file", fail)
+    monkeypatch.setattr("evamim.teachers.factory._build_encoder", fail)
+
+
+@pytest.mark.parametrize("spec, options, error, message", [
+    ("timm:resnet50", {}, ValueError, "not a ViT-family timm model"),
+    ("timm:vit_base_patch16_224x", {}, ValueError, "close matches: .*'vit_base_patch16_224'"),
+    ("timm:vit_base_patch16_224.augreg_in21k", {"layer": 12}, ValueError, "layer=12 is out of range"),
+    ("timm:vit_base_patch16_224.augreg_in21k", {"model_kwargs": {"img_sz": 32}}, ValueError, "img_sz"),
+    ("timm:vit_base_patch16_224/nowhere.safetensors", {}, TeacherWeightsNotFoundError, "nowhere.safetensors"),
+    ("open_clip:ViT-L-14-quickgel/openai", {}, ValueError, "close matches: .*'ViT-L-14-quickgelu'"),
+    ("open_clip:RN50-quickgelu/openai", {}, ValueError, "ModifiedResNet.*is not a ViT"),
+    ("open_clip:coca_ViT-L-14/laion2b_s13b_b90k", {}, ValueError, "pools its tokens with attention"),
+    ("open_clip:ViT-L-14-quickgelu/openai", {"layer": 24}, ValueError, "layer=24 is out of range"),
+    ("open_clip:ViT-L-14-quickgelu/openai", {"projct": False}, TypeError, r"\['projct'\] \(did you mean 'project'\?\)"),
+    ("open_clip:ViT-L-14-quickgelu/nowhere/weights.bin", {}, TeacherWeightsNotFoundError, "nowhere/weights.bin"),
+    ("hf:/nowhere/clip", {}, TeacherWeightsNotFoundError, "/nowhere/clip"),
+])
+def test_teachers_are_refused_without_weights_or_building(spec, options, error, message, monkeypatch):
+    from evamim.teachers import check_teacher
+
+    _no_weights_or_models(monkeypatch)
+    with pytest.raises(error, match=message):
+        check_teacher(spec, options)
+    with pytest.raises(error, match=message):  # create_teacher checks first, too
+        create_teacher(spec, **options)
+
+
+def test_check_teacher_accepts_what_create_teacher_builds(clip_files, tmp_path, monkeypatch):
+    from evamim.teachers import check_teacher
+
+    _, weights = clip_files["evamim-test-vit"]
+    check_teacher(f"open_clip:evamim-test-vit/{weights}", {"layer": 1, "project": False, "mean": [0.5] * 3})
+    check_teacher("open_clip:ViT-L-14-quickgelu/openai", {"layer": -1})
+    check_teacher("timm:vit_large_patch14_clip_quickgelu_224.openai", {"project": True})
+    model = evamim.create_model("eva_tiny_p16", patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=2)
+    directory = evamim.save_pretrained(model, tmp_path / "teacher")
+    check_teacher(f"local:{directory}", {"layer": 1})
+    with pytest.raises(ValueError, match="layer=2 is out of range"):
+        check_teacher(f"local:{directory}", {"layer": 2})

@@ -53,10 +53,17 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if path.is_dir():
+            saved = path / "config.yaml"  # a run directory holds its resolved config there
+            hint = f", e.g. {saved}" if saved.is_file() else ""
+            raise ConfigError(f"config file {path} is a directory; give a YAML file{hint}")
         try:
             file_config = OmegaConf.load(path)
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        except (OSError, UnicodeDecodeError) as error:  # unreadable (permissions), or not a text file
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise ConfigError(f"cannot read config file {path}: {reason}") from None
         if not isinstance(file_config, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         layers.append((file_config, str(path)))

@@ -15,6 +15,7 @@ weight decay into per-group values, so a schedule is one number per step whateve
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from evamim.engine.modules import unwrap_model
+from evamim.engine.schedule import SCHEDULE_KINDS
 
 OPTIMIZERS = ("adamw", "lars", "sgd")
 
@@ -62,6 +64,46 @@ class OptimConfig:
     """Layer-wise lr decay: layer ``i`` of ``L`` gets ``lr * layer_decay ** (L + 1 - i)``; ``None`` = off."""
     clip_grad: float | None = 3.0
     """Clip the total gradient norm (L2 over all parameters) to this; ``None`` or 0 = no clipping (norm still logged)."""
+
+    def __post_init__(self) -> None:
+        # Checked when the config is built, so a bad value stops the run before any model exists.
+        found = self.problems()
+        if found:
+            raise ValueError("; ".join(found))
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each naming its ``optim.*`` key and the valid values."""
+        found = []
+        if self.name not in OPTIMIZERS:
+            close = difflib.get_close_matches(str(self.name), OPTIMIZERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            found.append(f"optim.name: unknown optimizer {self.name!r}{hint}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULE_KINDS:
+            found.append(f"optim.schedule: unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
+        for key in ("lr", "min_lr", "weight_decay", "eps", "warmup_epochs"):
+            value = getattr(self, key)
+            if not value >= 0:  # also refuses NaN
+                found.append(f"optim.{key} must be >= 0, got {value}")
+        for key in ("weight_decay_end", "clip_grad"):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
+                found.append(f"optim.{key} must be >= 0 or null, got {value}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            found.append(f"optim.warmup_steps must be >= 0 or null, got {self.warmup_steps}")
+        if self.warmup_steps is not None and self.warmup_epochs:
+            found.append(f"optim.warmup_steps={self.warmup_steps} and optim.warmup_epochs={self.warmup_epochs} are "
+                         "both set; set only one (optim.warmup_epochs=0 to use warmup_steps)")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            found.append(f"optim.betas must be two values in [0, 1), e.g. [0.9, 0.98], got {list(self.betas)}")
+        if not 0 <= self.momentum < 1:
+            found.append(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if not self.poly_power > 0:
+            found.append(f"optim.poly_power must be > 0, got {self.poly_power}")
+        if not self.trust_coefficient > 0:
+            found.append(f"optim.trust_coefficient must be > 0, got {self.trust_coefficient}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            found.append(f"optim.layer_decay must be in (0, 1] or null (off), got {self.layer_decay}")
+        return found
 
 
 def _is_exempt(name: str, exempt: set[str]) -> bool:

@@ -28,12 +28,18 @@ class BackboneSection:
 
 
 def load_backbone(section: BackboneSection, **overrides: Any):
-    """Build the EvaViT a task starts from; ``overrides`` (task-specific, e.g. num_classes) win over options."""
+    """Build the EvaViT a task starts from; ``overrides`` (task-specific, e.g. num_classes) win over options.
+
+    The weights load strictly: every backbone tensor must match the file. The task heads (``TASK_HEADS``: the
+    classifier ``head``, a MIM checkpoint's ``lm_head`` and ``mask_token``) may be new to the task or dropped
+    from the file; the logged report names them."""
+    from evamim.models.checkpoint import TASK_HEADS
     from evamim.models.presets import create_model
 
     if section.pretrained is None and section.name is None:
         raise ValueError("backbone: set backbone.pretrained (an evamim model directory or weights file) or backbone.name")
-    return create_model(section.name, pretrained=section.pretrained, **{**section.options, **overrides})
+    return create_model(section.name, pretrained=section.pretrained, strict=True, task_heads=TASK_HEADS,
+                        **{**section.options, **overrides})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,16 +112,134 @@ def configure_logging() -> int:
     return env.rank
 
 
+def schedule_problems(optim: Any, loop: Any) -> list[str]:
+    """Warmup longer than the run, where both lengths are known before the data is (both in steps or both in
+    epochs); messages name the keys. ``optim``: an OptimConfig, ``loop``: a LoopConfig."""
+    found = []
+    warmup_steps, total_steps = optim.warmup_steps, loop.total_steps
+    if warmup_steps is not None and total_steps is not None and warmup_steps > total_steps:
+        found.append(f"optim.warmup_steps {warmup_steps} is longer than the run (loop.total_steps {total_steps}): "
+                     "lower it")
+    warmup_epochs, epochs = optim.warmup_epochs, loop.epochs
+    if warmup_epochs and epochs is not None and warmup_epochs > epochs:
+        found.append(f"optim.warmup_epochs {warmup_epochs} is longer than the run (loop.epochs {epochs}): lower it")
+    return found
+
+
+def training_run_problems(config: Any) -> list[str]:
+    """What is wrong with the sections every training task has (``optim``, ``loop``, ``checkpoint``,
+    ``output_dir``), before anything is built: the schedule, an explicit resume path, the output directory."""
+    found = schedule_problems(config.optim, config.loop)
+    resume = config.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        found.append(f"checkpoint.resume {resume} does not exist: give a checkpoint file (or, for FSDP runs, a "
+                     "checkpoint directory), or auto / never")
+    problem = output_dir_problem(config.output_dir)
+    return found + ([problem] if problem else [])
+
+
+def output_dir_problem(path: str | Path, key: str = "output_dir") -> str | None:
+    """Why the directory ``path`` could not be created or written, or None; checked before any work, so that a
+    run that could never save its results is refused before it spends hours. (A full disk can only be found
+    when writing: :func:`run_config_command` reports that.)"""
+    import os
+
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it is a file" if existing == path else f"{existing} is a file"
+        return f"{key} {path}: {where}, not a directory; choose another {key}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        reason = "read-only file system" if read_only else "permission denied"
+        return f"{key} {path}: cannot write in {existing} ({reason}); choose a writable {key}"
+    return None
+
+
+def single_process_problem(command: str) -> str | None:
+    """A refusal when the launcher (torchrun, srun) started several processes of a command that runs in one:
+    each would train its own copy and all of them would write the same output directory."""
+    from evamim.engine.distributed import DistributedEnvError, read_launch_env
+
+    try:
+        env = read_launch_env(use_scontrol=False)  # only the world size matters here
+    except DistributedEnvError as error:
+        return f"the launch environment is inconsistent: {error}"
+    if env.world_size > 1:
+        return (f"`evamim {command}` runs in one process, but {env.launcher} started {env.world_size}: each would "
+                f"train its own copy and all would write the same output_dir; run it without torchrun / srun")
+    return None
+
+
+def describe_os_error(error: OSError, output_dir: Any = None) -> str:
+    """One line: the path (or, when the error names none, the run's output directory) and the OS's reason."""
+    import errno
+
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+    where = " -> ".join(paths) if paths else (f"writing in output_dir {output_dir}" if output_dir else "")
+    full = "free some space or choose another output_dir; re-running resumes from the last checkpoint"
+    hints = {"ENOSPC": full, "EDQUOT": full, "EROFS": "choose a writable output_dir",
+             "EACCES": "check the permissions, or choose another path",
+             "ENOTDIR": "a file stands where a directory is needed; choose another path"}
+    hint = hints.get(errno.errorcode.get(error.errno, ""))
+    return f"{where + ': ' if where else ''}{reason}{'; ' + hint if hint else ''}"
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this input cannot be used" (exit code 2): a config, a launch environment, a missing
+    file, weights that do not fit or cannot be trusted, checkpoints that do not load."""
+    from evamim.config import ConfigError
+    from evamim.engine.checkpoint import CheckpointError
+    from evamim.engine.distributed import DistributedEnvError
+    from evamim.models.checkpoint import WeightsMismatchError
+    from evamim.models.sources import CorruptCheckpointError, UnsafeCheckpointError
+
+    return (ConfigError, FileNotFoundError, DistributedEnvError, CheckpointError, WeightsMismatchError,
+            CorruptCheckpointError, UnsafeCheckpointError)
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """Errors that end a run that started (exit code 1) and say what happened and what to try."""
+    from evamim.data.failures import TooManyBadSamples
+    from evamim.engine.loop import NonFiniteLossError
+    from evamim.models.checkpoint import NonFiniteWeightsError
+
+    return (NonFiniteLossError, TooManyBadSamples, NonFiniteWeightsError)
+
+
 def run_config_command(command: str, schema: type, run_fn, args, extra_errors: tuple = ()):
-    """Load ``schema`` from ``args`` and call ``run_fn(config)``; a config or missing-file error is printed as
-    ``evamim COMMAND: ...`` instead of a traceback. Returns (exit code, config, result, rank)."""
+    """Load ``schema`` from ``args`` and call ``run_fn(config)``. An input that cannot be used (a config, a missing
+    file, weights or checkpoints that do not load: ``_refusals``) is printed as ``evamim COMMAND: ...`` instead
+    of a traceback (exit code 2); so is a run that failed for a known reason (``_failures``: divergence, too
+    many bad samples) or an OS error while running (a full disk, a read-only or missing directory), with exit
+    code 1 (``EVAMIM_LOG_LEVEL=DEBUG`` logs their tracebacks). Returns (exit code, config, result, rank)."""
+    import logging
+
     from evamim.config import ConfigError, load_config
 
-    rank = configure_logging()
+    refused, failed = _refusals(), _failures()
+    rank, config = 0, None
     try:
+        rank = configure_logging()
         config = load_config(schema, args.config, args.overrides)
         result = run_fn(config)
-    except (ConfigError, FileNotFoundError, *extra_errors) as error:
-        print(f"evamim {command}: {error}")
+    except (*refused, *extra_errors) as error:
+        # A FileNotFoundError from the OS ("[Errno 2] ...: 'path'") reads better as "path: reason".
+        os_error = isinstance(error, OSError) and error.errno is not None
+        print(f"evamim {command}: {describe_os_error(error) if os_error else error}")
         return 2, None, None, rank
+    except failed as error:
+        logging.getLogger(__name__).debug("evamim %s failed", command, exc_info=True)
+        print(f"evamim {command}: {error}")
+        return 1, None, None, rank
+    except OSError as error:  # after the config errors: FileNotFoundError is an OSError too
+        logging.getLogger(__name__).debug("evamim %s failed", command, exc_info=True)
+        print(f"evamim {command}: {describe_os_error(error, getattr(config, 'output_dir', None))}")
+        return 1, None, None, rank
     return 0, config, result, rank

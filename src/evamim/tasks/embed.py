@@ -31,6 +31,7 @@ from evamim.tasks.common import (
     BackboneSection,
     add_config_arguments,
     format_table,
+    output_dir_problem,
     run_config_command,
     write_results,
 )
@@ -57,7 +58,7 @@ class EmbedConfig:
     """``evamim embed``."""
 
     backbone: BackboneSection = field(default_factory=BackboneSection)
-    data: DataConfig = field(default_factory=lambda: DataConfig(source="synthetic"))
+    data: DataConfig = field(default_factory=DataConfig)
     """The images: ``data.source`` (folder, list, shards), ``data.path``, ``data.image_size``; ``data.labels``
     to also save labels."""
     features: str = "cls"
@@ -88,6 +89,9 @@ def validate(config: EmbedConfig) -> None:
         problems.append(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {config.save_dtype!r}")
     if config.batch_size < 1:
         problems.append(f"batch_size must be >= 1, got {config.batch_size}")
+    problem = output_dir_problem(config.output_dir)
+    if problem:
+        problems.append(problem)
     if problems:
         raise ConfigError("invalid embed config:\n  " + "\n  ".join(problems))
 

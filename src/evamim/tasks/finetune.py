@@ -44,7 +44,9 @@ from evamim.tasks.common import (
     load_backbone,
     resolve_device,
     run_config_command,
+    single_process_problem,
     topk_accuracy,
+    training_run_problems,
     write_results,
 )
 
@@ -157,6 +159,9 @@ def _check_model_config(config: FinetuneConfig) -> str | None:
 
 def validate(config: FinetuneConfig) -> None:
     """Raise ConfigError for anything that would fail later, before any data or model is built."""
+    launch_problem = single_process_problem("finetune")
+    if launch_problem:
+        raise ConfigError(launch_problem)
     problems = []
     backbone = config.backbone
     if backbone.pretrained is None and backbone.name is None:
@@ -188,6 +193,7 @@ def validate(config: FinetuneConfig) -> None:
         problem = _check_model_config(config)
         if problem:
             problems.append(problem)
+    problems += training_run_problems(config)
     if problems:
         raise ConfigError("invalid fine-tuning config:\n  " + "\n  ".join(problems))
 
@@ -481,6 +487,7 @@ def run_finetune(config: FinetuneConfig, hooks: tuple = ()) -> dict[str, Any]:
         "image_size": config.data.image_size,
         "train_loss": result.metrics.get("loss"),
         "nonfinite_skipped": result.nonfinite_skipped,
+        "data": result.data_totals,
         **summarize_evaluations(best, with_ema=ema is not None),
         **export_final(model, ema, output_dir),
     }

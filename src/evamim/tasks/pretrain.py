@@ -35,7 +35,6 @@ from evamim.engine import (
 from evamim.engine.checkpoint import FileCheckpointer, ShardedCheckpointer
 from evamim.engine.distributed import (
     DistributedConfig,
-    DistributedEnvError,
     DistributedState,
     build_optimizer_for_strategy,
     destroy_distributed,
@@ -45,7 +44,7 @@ from evamim.engine.distributed import (
 from evamim.engine.optim import param_groups
 from evamim.models.presets import list_models, model_config
 from evamim.models.vit import EvaViTConfig
-from evamim.tasks.common import add_config_arguments, run_config_command
+from evamim.tasks.common import add_config_arguments, run_config_command, training_run_problems
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +133,16 @@ class PretrainConfig:
 # ------------------------------------------------------------------------------------------- validation
 def validate(config: PretrainConfig) -> None:
     """Raise ConfigError for anything that would fail later, before any model, data or teacher is built."""
-    from evamim.pretrain.objectives import list_objectives
-    from evamim.teachers import parse_spec
+    from evamim.pretrain.objectives import get_objective, list_objectives
+    from evamim.teachers import check_teacher, parse_spec
 
     problems = []
     if config.model.name not in list_models():
         problems.append(f"model.name {config.model.name!r} is not a preset; choose one of {list_models()}")
-    if config.objective not in list_objectives():
+    if config.model.pretrained and not Path(config.model.pretrained).exists():
+        problems.append(f"model.pretrained {config.model.pretrained} does not exist: give the initial weights")
+    objective = get_objective(config.objective) if config.objective in list_objectives() else None
+    if objective is None:
         problems.append(f"objective {config.objective!r} is unknown; choose one of {list_objectives()}")
     if config.batch_size < 1:
         problems.append(f"batch_size must be >= 1, got {config.batch_size}")
@@ -152,10 +154,21 @@ def validate(config: PretrainConfig) -> None:
         )
     if config.masking.kind not in ("block", "random"):
         problems.append(f"masking.kind must be 'block' or 'random', got {config.masking.kind!r}")
+    ratio = config.masking.mask_ratio
+    if ratio is not None and not 0 < ratio < 1:
+        problems.append(f"masking.mask_ratio must be in (0, 1) or null (the default of masking.kind), got {ratio}")
     try:
         parse_spec(config.teacher.spec)
     except ValueError as error:
         problems.append(f"teacher.spec: {error}")
+    else:
+        if objective is not None and objective.needs_teacher:
+            try:  # an unknown model, option or tag, a non-ViT teacher: without building it
+                check_teacher(config.teacher.spec, config.teacher.options)
+            except TypeError as error:
+                problems.append(f"teacher.options: {error}")
+            except (ValueError, FileNotFoundError) as error:
+                problems.append(f"teacher.spec: {error}")
     if config.teacher.dtype not in (None, "fp32", "bf16", "fp16"):
         problems.append(f"teacher.dtype must be null, fp32, bf16 or fp16, got {config.teacher.dtype!r}")
     if config.data.source in ("folder", "list") and not Path(config.data.path).exists():
@@ -163,9 +176,7 @@ def validate(config: PretrainConfig) -> None:
     val_source = config.validation.source or config.data.source
     if config.validation.path is not None and val_source in ("folder", "list") and not Path(config.validation.path).exists():
         problems.append(f"validation.path {config.validation.path} does not exist")
-    total, warmup = config.loop.total_steps, config.optim.warmup_steps
-    if total is not None and warmup is not None and warmup > total:
-        problems.append(f"optim.warmup_steps {warmup} is longer than the run (loop.total_steps {total}): lower it")
+    problems.extend(training_run_problems(config))
     problems.extend(config.distributed.problems())
     if config.distributed.strategy == "fsdp" and config.loop.precision == "fp16":
         problems.append(
@@ -174,9 +185,15 @@ def validate(config: PretrainConfig) -> None:
             "loop.precision=bf16, or strategy ddp/zero1 for fp16")
     if not problems:
         try:
-            student_config(config, mim_head_dim=1)
+            grid = student_config(config, mim_head_dim=1).grid_size
         except ValueError as error:
             problems.append(f"model: {error}")
+        else:
+            try:  # the masks' own checks (e.g. a budget below min_num_patches on a small grid)
+                if objective.uses_masks:
+                    build_mask_generator(config, grid)
+            except ValueError as error:
+                problems.append(f"masking: {error}")
     if problems:
         raise ConfigError("invalid pre-training config:\n  " + "\n  ".join(problems))
 
@@ -373,14 +390,16 @@ def _pretrain(config: PretrainConfig, state: DistributedState, hooks: tuple) -> 
 def build_student(config: PretrainConfig, teacher, device: torch.device) -> torch.nn.Module:
     """The student EvaViT on ``device``, its lm_head as wide as the teacher's features (or a p x p x 3 pixel
     patch without a teacher), from ``model.pretrained`` if set. Call after seeding: the init is random."""
-    from evamim.models.checkpoint import load_weights
+    from evamim.models.checkpoint import TASK_HEADS, load_weights
     from evamim.models.vit import EvaViT
 
     patch_size = model_config(config.model.name, **config.model.options).patch_size
     head_dim = teacher.embed_dim if teacher is not None else patch_size * patch_size * 3
     student = EvaViT(student_config(config, mim_head_dim=head_dim))
     if config.model.pretrained:
-        report = load_weights(student, config.model.pretrained)
+        # Strict on the backbone; a released model brings no lm_head / mask_token (or another teacher's), and
+        # those start fresh: the report names them.
+        report = load_weights(student, config.model.pretrained, strict=True, task_heads=TASK_HEADS)
         logger.info("initial weights: %s", report)
     return student.to(device)
 
@@ -389,6 +408,7 @@ def _write_summary(output_dir: Path, result: TrainResult, model_dir: Path, proce
     summary = {
         "steps": result.step,
         "nonfinite_skipped": result.nonfinite_skipped,
+        "data": result.data_totals,
         "stopped_early": result.stopped_early,
         "final_metrics": {k: float(v) for k, v in (result.metrics or {}).items()},
         "model_dir": str(model_dir),
@@ -446,8 +466,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    code, config, result, rank = run_config_command("pretrain", PretrainConfig, run_pretrain, args,
-                                                    extra_errors=(DistributedEnvError,))
+    code, config, result, rank = run_config_command("pretrain", PretrainConfig, run_pretrain, args)
     if code == 0 and rank == 0:
         print(f"done: {result.step} steps, model saved to {Path(config.output_dir) / 'model'}")
     return code

@@ -42,6 +42,8 @@ from evamim.tasks.common import (
     load_backbone,
     resolve_device,
     run_config_command,
+    single_process_problem,
+    training_run_problems,
     write_results,
 )
 
@@ -148,6 +150,9 @@ def _check_backbone_config(config: SegmentConfig) -> str | None:
 
 def validate(config: SegmentConfig) -> None:
     """Raise ConfigError for anything that would fail later, before any data or model is built."""
+    launch_problem = single_process_problem("segment")
+    if launch_problem:
+        raise ConfigError(launch_problem)
     problems = []
     backbone = config.backbone
     if backbone.pretrained is None and backbone.name is None:
@@ -181,6 +186,7 @@ def validate(config: SegmentConfig) -> None:
         problem = _check_backbone_config(config)
         if problem:
             problems.append(problem)
+    problems += training_run_problems(config)
     if problems:
         raise ConfigError("invalid segmentation config:\n  " + "\n  ".join(problems))
 
@@ -383,6 +389,7 @@ def run_segmentation(config: SegmentConfig, hooks: tuple = ()) -> dict[str, Any]
         "crop_size": config.data.crop_size,
         "train_loss": result.metrics.get("loss"),
         "nonfinite_skipped": result.nonfinite_skipped,
+        "data": result.data_totals,
         "model_dir": str(model_dir),
     }
     if evaluator is not None:

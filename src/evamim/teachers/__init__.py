@@ -6,7 +6,7 @@ Backends (open_clip, transformers, timm) are imported only when a teacher of tha
 
 from evamim.teachers.base import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Teacher, TokenEncoder
 from evamim.teachers.errors import GridMismatchError, TeacherWeightsNotFoundError
-from evamim.teachers.factory import BACKENDS, create_teacher, parse_spec
+from evamim.teachers.factory import BACKENDS, check_teacher, create_teacher, parse_spec
 
 __all__ = [
     "BACKENDS",
@@ -18,6 +18,7 @@ __all__ = [
     "Teacher",
     "TeacherWeightsNotFoundError",
     "TokenEncoder",
+    "check_teacher",
     "create_teacher",
     "parse_spec",
 ]

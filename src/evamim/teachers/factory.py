@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 from typing import Any, Sequence
@@ -28,15 +29,55 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return backend, target
 
 
-def _build_encoder(backend: str, target: str, spec: str, options: dict[str, Any]):
+# create_teacher's own keyword arguments that a config may carry among the backend options.
+TEACHER_OPTIONS = ("mean", "std")
+
+# backend prefix -> what to install when its package is missing
+_PACKAGES = {"open_clip": "open_clip_torch: pip install 'evamim[clip]'", "hf": "transformers: pip install 'evamim[hf]'"}
+
+
+def accepted_options(backend: str) -> list[str]:
+    """The options a backend's teachers take (its ``build``'s keyword-only arguments), e.g. ``layer``."""
     module = importlib.import_module(BACKENDS[backend][0])
-    accepted = [
+    return [
         name for name, parameter in inspect.signature(module.build).parameters.items()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "spec"
     ]
+
+
+def check_teacher(spec: str, options: dict[str, Any] | None = None) -> None:
+    """Everything :func:`create_teacher` can check without weights, in about a second: the spec, the option
+    names, and what the backend can tell from the model name -- an unknown model (with close matches), an
+    unknown tag, a weights file that does not exist, a model that is not a ViT. The architecture may be
+    instantiated on the meta device for that (no memory, no weights, no download).
+
+    Raises:
+        ValueError: the spec or the model (the message says what to use instead).
+        TypeError: an unknown option.
+        TeacherWeightsNotFoundError: a weights file or directory named in the spec does not exist.
+    """
+    backend, target = parse_spec(spec)
+    options = {key: value for key, value in (options or {}).items() if key not in TEACHER_OPTIONS}
+    accepted = accepted_options(backend)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise TypeError(f"teacher {spec!r}: unknown option(s) {unknown}; {backend} teachers accept {accepted + ['mean', 'std']}")
+        close = [match for key in unknown for match in difflib.get_close_matches(str(key), accepted, n=1)]
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise TypeError(f"teacher {spec!r}: unknown option(s) {unknown}{hint}; {backend} teachers accept "
+                        f"{accepted + list(TEACHER_OPTIONS)}")
+    check = getattr(importlib.import_module(BACKENDS[backend][0]), "check", None)
+    if check is None:
+        return
+    try:
+        check(target, spec=spec, **options)
+    except ModuleNotFoundError as error:
+        if backend not in _PACKAGES or error.name not in ("open_clip", "transformers"):
+            raise
+        raise ValueError(f"teacher {spec!r}: the {backend} backend needs {_PACKAGES[backend]}") from None
+
+
+def _build_encoder(backend: str, target: str, spec: str, options: dict[str, Any]):
+    module = importlib.import_module(BACKENDS[backend][0])
     return module.build(target, spec=spec, **options)
 
 
@@ -76,6 +117,7 @@ def create_teacher(
     Returns: a Teacher: ``teacher(images (B, 3, H, W)) -> (B, N, D)`` float32; ``teacher.embed_dim`` = D.
     Never wrap it in DDP/FSDP.
     """
+    check_teacher(spec, options)  # the cheap refusals first: before weights are downloaded or a model is built
     backend, target = parse_spec(spec)
     encoder, own_mean, own_std = _build_encoder(backend, target, spec, options)
     teacher = Teacher(

@@ -65,14 +65,25 @@ def _normalisation(source: str, cache_dir: str | None) -> tuple[tuple, tuple]:
     return tuple(config.get("image_mean") or CLIP_MEAN), tuple(config.get("image_std") or CLIP_STD)
 
 
+def _check_source(source: str, spec: str) -> None:
+    """A path (not a hub id) named in the spec must be an existing directory."""
+    if not os.path.isdir(source) and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1):
+        raise weights_not_found(spec, [f"directory {source} (named in the spec): it does not exist"])
+
+
+def check(target: str, *, spec: str, layer: int | None = None, project: bool = True, cache_dir: str | None = None,
+          revision: str | None = None) -> None:
+    """What can be refused before loading: a directory named in the spec that does not exist."""
+    _check_source(os.path.expanduser(target), spec)
+
+
 def _load(source: str, spec: str, cache_dir: str | None, revision: str | None):
     from transformers import CLIPVisionModelWithProjection
 
     # fp32 weights as the reference teacher uses; transformers 5 would otherwise keep the checkpoint's dtype.
     kwargs = dict(dtype=torch.float32, cache_dir=cache_dir, revision=revision, output_loading_info=True)
     is_dir = os.path.isdir(source)
-    if not is_dir and (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1):
-        raise weights_not_found(spec, [f"directory {source} (named in the spec): it does not exist"])
+    _check_source(source, spec)
     looked = [f"directory {source}" if is_dir else f"hub repo {source} in {cache_dir or hub_cache_dir()}"]
     try:
         # The cache first: the hub client would spend ~25 s per file in retries when the network is down.

@@ -44,6 +44,19 @@ class EvaTokens(TokenEncoder):
         return model.fc_norm(tokens)
 
 
+def check(target: str, *, spec: str, layer: int | None = None) -> None:
+    """What can be refused before loading: a directory that does not exist or holds no evamim config, a
+    ``layer`` out of range."""
+    from evamim.models.checkpoint import read_config
+
+    directory = os.path.expanduser(target)
+    if not os.path.exists(directory):
+        raise weights_not_found(spec, [f"evamim model directory {directory}: it does not exist"])
+    config = read_config(directory)  # FileNotFoundError naming what is missing when it is not an evamim directory
+    if layer is not None:
+        keep_blocks([None] * config.depth, layer, f"evamim model {directory!r}")
+
+
 def build(target: str, *, spec: str, layer: int | None = None) -> tuple[TokenEncoder, tuple, tuple]:
     """Build the encoder for ``local:DIR``; returns (encoder, mean, std)."""
     from evamim.models.checkpoint import load_pretrained

@@ -195,6 +195,33 @@ def _hub_repo_as_local_dir(name: str, spec: str, cache_dir: str | None) -> tuple
     return name, looked
 
 
+def _check_weights(name: str, pretrained: str | None, spec: str) -> dict | None:
+    """Refuse an unknown model, a missing tag or weights file, or GELU weights on a QuickGELU config, with no
+    download; returns the tag's pretrained config (None for ``random`` or a weights file)."""
+    import open_clip
+
+    if open_clip.get_model_config(name) is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+        hint = f"close matches: {close}" if close else "see open_clip.list_models()"
+        raise ValueError(f"{spec!r}: unknown open_clip model {name!r}; {hint}")
+    if not pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(
+            f"{spec!r}: a teacher needs weights: use 'open_clip:{name}/TAG' with TAG in {tags}, "
+            f"or 'open_clip:{name}/path/to/weights'"
+        )
+    if pretrained == RANDOM_INIT_TAG or os.path.isfile(pretrained):
+        return None
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        if os.sep in pretrained or "." in os.path.basename(pretrained):
+            raise weights_not_found(spec, [f"file {pretrained} (named in the spec): it does not exist"])
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(f"{spec!r}: {pretrained!r} is neither a file nor a tag of {name!r}; tags: {tags}")
+    _check_quick_gelu(name, pretrained, cfg, spec)
+    return cfg
+
+
 def _create(name: str, pretrained: str | None, spec: str, cache_dir: str | None):
     import open_clip
 
@@ -206,34 +233,60 @@ def _create(name: str, pretrained: str | None, spec: str, cache_dir: str | None)
             raise weights_not_found(spec, looked, error) from error
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
         return model, cfg.get("mean") or CLIP_MEAN, cfg.get("std") or CLIP_STD
-    if open_clip.get_model_config(name) is None:
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
-        raise ValueError(f"{spec!r}: unknown open_clip model {name!r}; close matches: {close}")
-    if not pretrained:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(
-            f"{spec!r}: a teacher needs weights: use 'open_clip:{name}/TAG' with TAG in {tags}, "
-            f"or 'open_clip:{name}/path/to/weights'"
-        )
+    cfg = _check_weights(name, pretrained, spec)
     mean, std = CLIP_MEAN, CLIP_STD
     if pretrained == RANDOM_INIT_TAG:
         # Same architecture and cost, meaningless targets: for benchmarks and smoke tests only.
         logger.warning("%s: randomly initialised teacher (tag %r): its targets carry no knowledge", spec, pretrained)
         return open_clip.create_model(name), mean, std
-    if os.path.isfile(pretrained):
+    if cfg is None:
         path = pretrained
     else:
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if not cfg:
-            if os.sep in pretrained or "." in os.path.basename(pretrained):
-                raise weights_not_found(spec, [f"file {pretrained} (named in the spec): it does not exist"])
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise ValueError(f"{spec!r}: {pretrained!r} is neither a file nor a tag of {name!r}; tags: {tags}")
-        _check_quick_gelu(name, pretrained, cfg, spec)
         path = _tag_file(cfg, spec, cache_dir)
         mean, std = cfg.get("mean") or CLIP_MEAN, cfg.get("std") or CLIP_STD
     model = open_clip.create_model(name, pretrained=path)
     return model, mean, std
+
+
+def _encoder(visual: nn.Module, *, spec: str, name: str, project: bool, layer: int | None) -> TokenEncoder:
+    label = f"open_clip model {name!r}"
+    if hasattr(visual, "trunk"):
+        return OpenClipTimmTokens(visual, project=project, layer=layer, name=label)
+    if hasattr(visual, "transformer") and hasattr(visual, "positional_embedding"):
+        return OpenClipTokens(visual, project=project, layer=layer, name=label)
+    raise ValueError(f"{spec!r}: the vision tower ({type(visual).__name__}) is not a ViT; a teacher needs patch tokens")
+
+
+def _meta_visual(name: str) -> nn.Module | None:
+    """The vision tower of ``name`` on the meta device (no memory, no weights), or None when this open_clip
+    version cannot build it there; ``build`` checks the real tower either way."""
+    import open_clip
+
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(name, device="meta").visual
+    except Exception as error:  # an architecture whose init needs real tensors: leave it to build()
+        logger.debug("open_clip model %r cannot be built on the meta device (%s); checked when built", name, error)
+        return None
+    finally:
+        logging.disable(disabled)
+
+
+def check(
+    target: str, *, spec: str, layer: int | None = None, project: bool = True, cache_dir: str | None = None
+) -> None:
+    """What ``build`` would refuse, found without weights: an unknown model or tag, a missing weights file,
+    a tower that is not a ViT or has no per-token projection, a ``layer`` out of range. ``hf-hub:`` and
+    ``local-dir:`` models are checked when their files are read."""
+    name, pretrained = _split(target)
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    _check_weights(name, pretrained, spec)
+    visual = _meta_visual(name)
+    if visual is not None:
+        _encoder(visual, spec=spec, name=name, project=project, layer=layer)
 
 
 def build(
@@ -245,12 +298,5 @@ def build(
     """
     name, pretrained = _split(target)
     model, mean, std = _create(name, pretrained, spec, cache_dir)
-    visual = model.visual
-    label = f"open_clip model {name!r}"
-    if hasattr(visual, "trunk"):
-        encoder: TokenEncoder = OpenClipTimmTokens(visual, project=project, layer=layer, name=label)
-    elif hasattr(visual, "transformer") and hasattr(visual, "positional_embedding"):
-        encoder = OpenClipTokens(visual, project=project, layer=layer, name=label)
-    else:
-        raise ValueError(f"{spec!r}: the vision tower ({type(visual).__name__}) is not a ViT; a teacher needs patch tokens")
+    encoder = _encoder(model.visual, spec=spec, name=name, project=project, layer=layer)
     return encoder, tuple(mean), tuple(std)

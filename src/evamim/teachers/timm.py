@@ -10,6 +10,8 @@ ImageNet classifier the head is the classifier.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from typing import Any
 
@@ -19,6 +21,8 @@ from torch import nn
 from evamim.teachers.base import IMAGENET_MEAN, IMAGENET_STD, TokenEncoder, keep_blocks
 from evamim.teachers.errors import GridMismatchError, grid_text, hub_cache_dir, weights_not_found
 from evamim.teachers.hub import cached_hub_file, safetensors_first, why_no_download
+
+logger = logging.getLogger(__name__)
 
 
 def _square(size: Any, what: str) -> int:
@@ -115,9 +119,8 @@ def _split_name(target: str, spec: str) -> tuple[str, str | None]:
     return name, (weights if sep else None)
 
 
-def _weights_file(name: str, spec: str, cache_dir: str | None) -> str:
-    """Local path of the registered pretrained weights of ``name`` (MODEL or MODEL.TAG): from the cache
-    when present (no network), else downloaded. Raises TeacherWeightsNotFoundError when neither works."""
+def _pretrained_cfg(name: str, spec: str):
+    """The registered pretrained config of ``name`` (MODEL or MODEL.TAG), which must name downloadable weights."""
     from timm.models import get_pretrained_cfg
 
     try:
@@ -129,6 +132,13 @@ def _weights_file(name: str, spec: str, cache_dir: str | None) -> str:
             f"{spec!r}: timm has no pretrained weights registered for {name!r}; give a weights file: "
             f"'timm:{name}/path/to/weights.safetensors'"
         )
+    return cfg
+
+
+def _weights_file(name: str, spec: str, cache_dir: str | None) -> str:
+    """Local path of the registered pretrained weights of ``name`` (MODEL or MODEL.TAG): from the cache
+    when present (no network), else downloaded. Raises TeacherWeightsNotFoundError when neither works."""
+    cfg = _pretrained_cfg(name, spec)
     looked, cached = [], None
     if cfg.hf_hub_id:  # timm prefers the hub over the URL when both exist
         filenames = safetensors_first(cfg.hf_hub_filename) if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
@@ -178,6 +188,58 @@ def _check_quick_gelu(name: str, spec: str) -> None:
         )
 
 
+def _check_name(name: str, spec: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        arch = name.partition(".")[0]
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        hint = f"close matches: {close}" if close else "see timm.list_models('*clip*') for candidates"
+        raise ValueError(f"{spec!r}: unknown timm model {name!r}; {hint}")
+
+
+def _meta_model(name: str, spec: str, model_kwargs: dict | None) -> nn.Module | None:
+    """``name`` instantiated on the meta device (no memory, no weights), or None when its init needs real
+    tensors (``build`` checks the real model either way). Unknown ``model_kwargs`` are refused here."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **dict(model_kwargs or {}))
+    except TypeError as error:
+        if "unexpected keyword argument" in str(error):
+            raise ValueError(f"{spec!r}: model_kwargs: {error}") from None
+        logger.debug("timm model %r cannot be built on the meta device (%s); checked when built", name, error)
+    except Exception as error:  # an architecture whose init needs real tensors: leave it to build()
+        logger.debug("timm model %r cannot be built on the meta device (%s); checked when built", name, error)
+    return None
+
+
+def check(
+    target: str,
+    *,
+    spec: str,
+    layer: int | None = None,
+    project: bool = False,
+    cache_dir: str | None = None,
+    model_kwargs: dict | None = None,
+) -> None:
+    """What ``build`` would refuse, found without weights or a download: an unknown model or tag, a missing
+    weights file, a model that is not a ViT (e.g. ``resnet50``), no linear head with ``project``, a
+    ``layer`` out of range. The model is instantiated on the meta device for the structural checks."""
+    name, weights_file = _split_name(target, spec)
+    _check_name(name, spec)
+    _check_quick_gelu(name, spec)
+    if weights_file is not None:
+        if not os.path.isfile(weights_file):
+            raise weights_not_found(spec, [f"file {weights_file} (named in the spec): it does not exist"])
+    else:
+        _pretrained_cfg(name, spec)
+    model = _meta_model(name, spec, model_kwargs)
+    if model is not None:
+        TimmTokens(model, project=project, layer=layer, name=f"timm model {name!r}")
+
+
 def build(
     target: str,
     *,
@@ -195,8 +257,7 @@ def build(
     import timm
 
     name, weights_file = _split_name(target, spec)
-    if not timm.is_model(name):
-        raise ValueError(f"{spec!r}: unknown timm model {name!r}; see timm.list_models('*clip*') for candidates")
+    _check_name(name, spec)
     _check_quick_gelu(name, spec)
     if weights_file is not None:
         if not os.path.isfile(weights_file):
