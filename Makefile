@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # Tested versions; torch==2.13.0 keeps pip on the CPU build instead of pulling CUDA wheels.
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast stress-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 # Fast feedback while developing.
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow"
+
+# The whole suite RUNS times in a row, stopping at the first failure (multi-process flakiness shows only so).
+RUNS ?= 30
+stress-test: $(STAMP)
+	$(PY) tools/stress_test.py --runs $(RUNS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

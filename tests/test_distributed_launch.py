@@ -127,3 +127,21 @@ def test_no_backend_thread_outlives_a_multi_process_run(teacher_dir, tmp_path): 
         counts = torch.load(tmp_path / f"threads-{rank}.pt")
         assert counts == {"before": counts["before"], "ddp": counts["before"], "zero1": counts["before"],
                           "fsdp": counts["before"]}, counts
+
+
+@pytest.mark.slow  # torchrun starts two interpreters: about 15 s on 2 busy cores
+def test_a_failed_torchrun_run_exits_with_its_error_on_every_rank_not_an_abort(teacher_dir, tmp_path):  # noqa: F811
+    """Both processes refuse a run directory whose only checkpoint does not load, after joining their group: each
+    prints the one-line reason and exits with code 2 (not SIGABRT at interpreter shutdown, not a traceback)."""
+    output = tmp_path / "run"
+    (output / "checkpoints").mkdir(parents=True)
+    (output / "checkpoints" / "step-000000002.pt").write_bytes(b"not a checkpoint")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               "-m", "evamim", "pretrain", *equivalence_overrides(teacher_dir, output, 3, strategy="ddp", world=WORLD)]
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert done.stdout.count("evamim pretrain: none of the 1 checkpoints") == WORLD, done.stdout + done.stderr[-3000:]
+    assert "Traceback" not in done.stdout and "SIGABRT" not in done.stderr and "Signal 6" not in done.stderr
+    assert done.stderr.count("exitcode  : 2 ") == WORLD, done.stderr[-3000:]  # torchrun's report, one per rank

@@ -472,7 +472,8 @@ def release_process_groups() -> None:
         raise ProcessGroupLeak(
             "a destroyed process group is still referenced (by " + (", ".join(referrers) or "an untracked object")
             + "): drop every wrapped model, optimizer and device mesh that uses it before ending the process group, "
-            "or its backend threads can abort the process at exit")
+            "and call import_modules_binding_the_default_group() before creating a group yourself; otherwise its "
+            "backend threads can abort the process at exit")
 
 
 # ------------------------------------------------------------------------------------------- helpers
