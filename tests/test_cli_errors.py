@@ -20,17 +20,9 @@ import torch
 import evamim
 from evamim.cli import main
 from evamim.config import load_config
+from test_pretrain import teacher_dir  # noqa: F401  (pytest fixture)
 
 SLOW = 15.0  # seconds; generous for a loaded 2-core machine: a refusal takes well under one
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    """A frozen random ViT teacher (patch 8 at 32 px, 2 blocks, 48-d features) as an evamim directory."""
-    torch.manual_seed(123)
-    teacher = evamim.create_model("eva_tiny_p16", patch_size=8, img_size=32, embed_dim=48, depth=2, num_heads=2,
-                                  global_pool="token")
-    return evamim.save_pretrained(teacher, tmp_path_factory.mktemp("teacher") / "teacher")
 
 
 def pretrain_args(teacher_dir: Path, output_dir: Path, steps: int = 2) -> list[str]:

@@ -78,34 +78,34 @@ def test_documented_imports_work_in_any_order_in_the_built_environment():
         assert result.returncode == 0 and result.stdout.strip() == "ok", (first, result.stderr[-2000:])
 
 
-def test_the_start_up_hook_imports_nothing_until_torchvision_is_imported(tmp_path):
-    compat.install_torchvision_hook(tmp_path)
-    code = (
-        "import site, sys\n"
-        f"site.addsitedir({str(tmp_path)!r})\n"
-        "print('torch' in sys.modules, 'evamim' in sys.modules)\n"
-        "import torchvision\n"
-        "print('evamim' in sys.modules, type(torchvision.__loader__).__name__)\n"
-    )
+def _run_with_hook_only(site_dir: Path, code: str) -> str:
+    """Run ``code`` in a fresh interpreter whose only start-up hook is the one installed into ``site_dir``."""
+    compat.install_torchvision_hook(site_dir)
+    code = f"import site\nsite.addsitedir({str(site_dir)!r})\n" + code
     result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=180,
                             env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_the_start_up_hook_imports_nothing_until_torchvision_is_imported(tmp_path):
+    out = _run_with_hook_only(tmp_path, (
+        "import sys\n"
+        "print('torch' in sys.modules, 'evamim' in sys.modules)\n"
+        "import torchvision\n"
+        "print('evamim' in sys.modules, type(torchvision.__loader__).__name__)\n"
+    ))
     # Nothing at start-up; evamim's guard at the import; then torchvision is an ordinary package.
-    assert result.stdout.split() == ["False", "False", "True", "SourceFileLoader"]
+    assert out.split() == ["False", "False", "True", "SourceFileLoader"]
 
 
 def test_a_probe_for_torchvision_runs_nothing(tmp_path):
     """torch probes for torchvision with importlib.util.find_spec while it is itself being imported: the guard
     must act on the import only (running it then would import evamim half-way through torch's import)."""
-    compat.install_torchvision_hook(tmp_path)
-    code = (
-        "import importlib.util, site, sys\n"
-        f"site.addsitedir({str(tmp_path)!r})\n"
+    out = _run_with_hook_only(tmp_path, (
+        "import importlib.util, sys\n"
         "importlib.util.find_spec('torchvision')\n"
         "print('torch' in sys.modules, 'evamim' in sys.modules)\n"
         "import torch, evamim, timm\n"
-    )
-    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=180,
-                            env={"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["False", "False"]
+    ))
+    assert out.split() == ["False", "False"]

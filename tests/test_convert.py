@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_model_checkpoint import official_eva01_mim_state_dict, official_rope_tables
+from test_model_checkpoint import official_eva01_mim_state_dict, official_eva02_names, official_rope_tables
 
 import evamim
 from evamim.cli import main
@@ -30,17 +30,7 @@ def _randomized(config: EvaViTConfig, seed: int = 0) -> EvaViT:
 def official_eva02_state_dict(model: EvaViT, pt_seq_len: int = 16) -> dict:
     """EVA-CLIP / EVA-02 names: q/k/v_proj without bias + q_bias / v_bias, inner_attn_ln, w1/w2/w3, ffn_ln, and
     one rope module shared by the model and every block (so 1 + depth copies of its tables)."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if ".mlp.fc1." in key:
-            gate, val = value.chunk(2)
-            state[key.replace("mlp.fc1.", "mlp.w1.")], state[key.replace("mlp.fc1.", "mlp.w2.")] = gate, val
-        elif ".attn.qkv.weight" in key:
-            for name, part in zip("qkv", value.chunk(3)):
-                state[key.replace("qkv.weight", f"{name}_proj.weight")] = part
-        else:
-            state[key.replace("mlp.fc2.", "mlp.w3.").replace("mlp.norm.", "mlp.ffn_ln.")
-                  .replace("attn.norm.", "attn.inner_attn_ln.")] = value
+    state = official_eva02_names(model.state_dict())
     head_dim = model.config.embed_dim // model.config.num_heads
     cos, sin = official_rope_tables(head_dim, pt_seq_len=pt_seq_len, ft_seq_len=model.grid_size[0])
     for prefix in ["rope."] + [f"blocks.{i}.attn.rope." for i in range(model.config.depth)]:

@@ -166,22 +166,28 @@ def test_clip_vision_towers_load(prefix):
         torch.testing.assert_close(target(images), source(images))
 
 
+def official_eva02_names(state: dict) -> dict:
+    """evamim names -> EVA-CLIP / EVA-02 names: w1 (gate) / w2 (value) / w3, ffn_ln, inner_attn_ln, q/k/v_proj
+    without bias (the biases stay q_bias / v_bias)."""
+    renamed = {}
+    for key, value in state.items():
+        if ".mlp.fc1." in key:
+            gate, val = value.chunk(2)
+            renamed[key.replace("mlp.fc1.", "mlp.w1.")], renamed[key.replace("mlp.fc1.", "mlp.w2.")] = gate, val
+        elif ".attn.qkv.weight" in key:
+            for name, part in zip("qkv", value.chunk(3)):
+                renamed[key.replace("qkv.weight", f"{name}_proj.weight")] = part
+        else:
+            renamed[key.replace("mlp.fc2.", "mlp.w3.").replace("mlp.norm.", "mlp.ffn_ln.")
+                    .replace("attn.norm.", "attn.inner_attn_ln.")] = value
+    return renamed
+
+
 def test_official_eva02_names_load():
     """EVA-02 names: w1 (gate) / w2 (value) / w3, ffn_ln, inner_attn_ln, separate q/k/v, rope buffers."""
     options = dict(use_rope=True, swiglu=True, mlp_ratio=8 / 3, sub_ln_mlp=True, sub_ln_attn=True)
     source = _random_model(4, **options)
-    state = {}
-    for key, value in source.state_dict().items():
-        if ".mlp.fc1." in key:
-            gate, val = value.chunk(2)
-            state[key.replace("mlp.fc1.", "mlp.w1.")] = gate
-            state[key.replace("mlp.fc1.", "mlp.w2.")] = val
-        elif ".attn.qkv.weight" in key:
-            for name, part in zip("qkv", value.chunk(3)):
-                state[key.replace("qkv.weight", f"{name}_proj.weight")] = part
-        else:
-            state[key.replace("mlp.fc2.", "mlp.w3.").replace("mlp.norm.", "mlp.ffn_ln.")
-                  .replace("attn.norm.", "attn.inner_attn_ln.")] = value
+    state = official_eva02_names(source.state_dict())
     state["rope.freqs_cos"], state["rope.freqs_sin"] = official_rope_tables(16, pt_seq_len=2, ft_seq_len=2)
     target = EvaViT(EvaViTConfig(**TINY, **options))
     report = load_weights(target, {"module": state}, strict=True)

@@ -500,41 +500,26 @@ class ShardedCheckpointer:
 
     def load(self, path: str | os.PathLike) -> dict:
         """Restore the model and optimizer from the directory ``path``; returns ``trainer.pt``'s content."""
-        from evamim.engine.distributed import all_ranks_agree
-
         path = Path(path)
         if path.is_file():
             raise CheckpointError(f"{path} is a single-file checkpoint but this run (FSDP) writes sharded checkpoint "
                                   "directories; resume it with distributed.strategy=ddp or zero1")
-        extra, problem = None, None
-        try:
-            extra = read_sharded_checkpoint(path)
-        except CheckpointError as err:
-            problem = err
-        # Every process must stop together: the others would wait in dcp.load's collectives.
-        if not all_ranks_agree(problem is None):
-            raise problem or CheckpointError(f"checkpoint {path} does not load on another process (see its log)")
+        extra, problem = _read_on_every_process(path)
+        if problem is not None:
+            raise problem
         self._restore(path, extra)
         return extra
 
     def load_latest(self, directory: str | os.PathLike) -> tuple[Path, dict] | None:
         """Restore from the newest checkpoint directory that loads on every process; ``(path, trainer state)``
         or None. A newer unreadable one is reported and skipped; if none loads, that is an error."""
-        from evamim.engine.distributed import all_ranks_agree
-
         found = self.list(directory)
         _refuse_newer_other_layout(directory, found, list_checkpoints(directory), self.layout)
         failures = []
         for step, path in reversed(found):
-            extra, problem = None, None
-            try:
-                extra = read_sharded_checkpoint(path)
-            except CheckpointError as err:
-                problem = err
-            # Every process must make the same choice: they restore collectively from the same directory.
-            if not all_ranks_agree(problem is None):
-                _log.warning("skipping checkpoint %s: it does not load (%s); trying the previous one", path,
-                             problem or "unreadable on another process")
+            extra, problem = _read_on_every_process(path)
+            if problem is not None:
+                _log.warning("skipping checkpoint %s: it does not load (%s); trying the previous one", path, problem)
                 failures.append(path)
                 continue
             self._restore(path, extra)
@@ -594,6 +579,22 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> dict:
     check_shards(path)
     _verify_shard_checksums(path, state.get("checksums"))
     return state
+
+
+def _read_on_every_process(path: Path) -> tuple[dict | None, CheckpointError | None]:
+    """:func:`read_sharded_checkpoint` on every process (a collective): ``(trainer state, None)`` when every
+    process could read its share, else ``(None, the error)``. The processes restore collectively from one
+    directory, so they must all make the same choice; one whose own share was fine reports the other's failure."""
+    from evamim.engine.distributed import all_ranks_agree
+
+    extra, problem = None, None
+    try:
+        extra = read_sharded_checkpoint(path)
+    except CheckpointError as err:
+        problem = err
+    if all_ranks_agree(problem is None):
+        return extra, None
+    return None, problem or CheckpointError(f"checkpoint {path} does not load on another process (see its log)")
 
 
 def _shard_checksums(directory: Path) -> dict[str, int]:

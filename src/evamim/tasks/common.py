@@ -138,6 +138,14 @@ def training_run_problems(config: Any) -> list[str]:
     return found + ([problem] if problem else [])
 
 
+def output_dirs_problems(output_dir: str | Path, cache_dir: str | Path | None = None) -> list[str]:
+    """:func:`output_dir_problem` for a task's ``output_dir`` and, when it caches features there, ``cache_dir``."""
+    problems = [output_dir_problem(output_dir)]
+    if cache_dir is not None:
+        problems.append(output_dir_problem(cache_dir, key="cache_dir"))
+    return [problem for problem in problems if problem]
+
+
 def output_dir_problem(path: str | Path, key: str = "output_dir") -> str | None:
     """Why the directory ``path`` could not be created or written, or None; checked before any work, so that a
     run that could never save its results is refused before it spends hours. (A full disk can only be found

@@ -32,7 +32,7 @@ from evamim.tasks.common import (
     BackboneSection,
     add_config_arguments,
     format_table,
-    output_dir_problem,
+    output_dirs_problems,
     run_config_command,
     write_results,
 )
@@ -96,13 +96,7 @@ def validate(config: KnnConfig) -> None:
     for key in ("batch_size", "chunk_size"):
         if getattr(config, key) < 1:
             problems.append(f"{key} must be >= 1, got {getattr(config, key)}")
-    problem = output_dir_problem(config.output_dir)
-    if problem:
-        problems.append(problem)
-    if config.cache and config.cache_dir is not None:
-        problem = output_dir_problem(config.cache_dir, key="cache_dir")
-        if problem:
-            problems.append(problem)
+    problems += output_dirs_problems(config.output_dir, config.cache_dir if config.cache else None)
     if problems:
         raise ConfigError("invalid knn config:\n  " + "\n  ".join(problems))
 

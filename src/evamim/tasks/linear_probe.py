@@ -44,7 +44,7 @@ from evamim.tasks.common import (
     BackboneSection,
     add_config_arguments,
     format_table,
-    output_dir_problem,
+    output_dirs_problems,
     run_config_command,
     topk_accuracy,
     write_results,
@@ -154,13 +154,7 @@ def validate(config: LinearProbeConfig) -> None:
         problems.append(f"batch_size must be >= 1, got {config.batch_size}")
     if config.num_classes is not None and config.num_classes < 2:
         problems.append(f"num_classes must be >= 2 or null (from the labels), got {config.num_classes}")
-    problem = output_dir_problem(config.output_dir)
-    if problem:
-        problems.append(problem)
-    if config.cache and config.cache_dir is not None:
-        problem = output_dir_problem(config.cache_dir, key="cache_dir")
-        if problem:
-            problems.append(problem)
+    problems += output_dirs_problems(config.output_dir, config.cache_dir if config.cache else None)
     if problems:
         raise ConfigError("invalid linprobe config:\n  " + "\n  ".join(problems))
 
