@@ -130,9 +130,10 @@ def test_no_backend_thread_outlives_a_multi_process_run(teacher_dir, tmp_path): 
 
 
 @pytest.mark.slow  # torchrun starts two interpreters: about 15 s on 2 busy cores
-def test_a_failed_torchrun_run_exits_with_its_error_on_every_rank_not_an_abort(teacher_dir, tmp_path):  # noqa: F811
-    """Both processes refuse a run directory whose only checkpoint does not load, after joining their group: each
-    prints the one-line reason and exits with code 2 (not SIGABRT at interpreter shutdown, not a traceback)."""
+def test_a_failed_torchrun_run_exits_with_its_error_not_an_abort(teacher_dir, tmp_path):  # noqa: F811
+    """The processes refuse a run directory whose only checkpoint does not load, after joining their group: the
+    first to fail prints the one-line reason and exits with code 2 (not an abort at interpreter shutdown, not a
+    traceback); torchrun then stops the other, which may or may not have printed the same line by then."""
     output = tmp_path / "run"
     (output / "checkpoints").mkdir(parents=True)
     (output / "checkpoints" / "step-000000002.pt").write_bytes(b"not a checkpoint")
@@ -142,6 +143,9 @@ def test_a_failed_torchrun_run_exits_with_its_error_on_every_rank_not_an_abort(t
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
                           env={**env, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
-    assert done.stdout.count("evamim pretrain: none of the 1 checkpoints") == WORLD, done.stdout + done.stderr[-3000:]
-    assert "Traceback" not in done.stdout and "SIGABRT" not in done.stderr and "Signal 6" not in done.stderr
-    assert done.stderr.count("exitcode  : 2 ") == WORLD, done.stderr[-3000:]  # torchrun's report, one per rank
+    printed = [line for line in done.stdout.splitlines() if line.strip()]
+    assert printed and all(line.startswith("evamim pretrain: none of the 1 checkpoints") for line in printed), \
+        done.stdout + done.stderr[-3000:]
+    root_cause = done.stderr.split("Root Cause")[-1]
+    assert "exitcode  : 2 " in root_cause, done.stderr[-3000:]  # torchrun's report of the first failure
+    assert "exitcode  : -6" not in done.stderr and "terminate called" not in done.stderr

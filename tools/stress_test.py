@@ -18,8 +18,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-# Signs of the failures this hunts for, reported even when pytest itself says "passed".
-ALARMS = ("SIGABRT", "terminate called", "Fatal Python error", "core dumped", "terminated with signal")
+# Signs of the failures this hunts for, reported even when pytest itself says "passed" (what torch.multiprocessing,
+# torchrun, libstdc++ and CPython print when a process aborts or is killed by a signal).
+ALARMS = ("terminated with signal", "exitcode  : -", "terminate called without an active exception",
+          "Fatal Python error", "core dumped")
 
 
 def run_suite(pytest_args: list[str], timeout: float) -> tuple[bool, float, str, str]:
