@@ -134,8 +134,7 @@ def training_run_problems(config: Any) -> list[str]:
     if resume not in ("auto", "never") and not Path(resume).exists():
         found.append(f"checkpoint.resume {resume} does not exist: give a checkpoint file (or, for FSDP runs, a "
                      "checkpoint directory), or auto / never")
-    problem = output_dir_problem(config.output_dir)
-    return found + ([problem] if problem else [])
+    return found + output_dirs_problems(config.output_dir)
 
 
 def output_dirs_problems(output_dir: str | Path, cache_dir: str | Path | None = None) -> list[str]:

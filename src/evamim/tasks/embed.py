@@ -31,7 +31,7 @@ from evamim.tasks.common import (
     BackboneSection,
     add_config_arguments,
     format_table,
-    output_dir_problem,
+    output_dirs_problems,
     run_config_command,
     write_results,
 )
@@ -89,9 +89,7 @@ def validate(config: EmbedConfig) -> None:
         problems.append(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {config.save_dtype!r}")
     if config.batch_size < 1:
         problems.append(f"batch_size must be >= 1, got {config.batch_size}")
-    problem = output_dir_problem(config.output_dir)
-    if problem:
-        problems.append(problem)
+    problems += output_dirs_problems(config.output_dir)
     if problems:
         raise ConfigError("invalid embed config:\n  " + "\n  ".join(problems))
 
