@@ -304,7 +304,7 @@ def test_recipes_load_and_validate_once_their_paths_are_given(recipe, tmp_path):
 
 
 def test_the_paper_recipe_is_evas_in1k_336_setting():
-    config = load_config(FinetuneConfig, Path(__file__).parents[1] / "configs/finetune/eva_g14_in1k_336.yaml",
+    config = load_config(FinetuneConfig, Path(__file__).parents[1] / "src/evamim/recipes/finetune/eva_g14_in1k_336.yaml",
                          ["data.path=/t", "eval.data.path=/v"])
     assert (config.data.image_size, config.backbone.options["img_size"], config.loop.epochs) == (336, 336, 10)
     assert config.batch_size == 512 and config.optim.lr == 3e-5 and config.optim.layer_decay == 0.95

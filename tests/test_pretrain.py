@@ -146,10 +146,10 @@ def test_missing_teacher_weights_fail_fast_with_instructions(tmp_path, capsys):
 
 
 def test_recipes_load_and_validate(tmp_path):
-    for recipe in sorted(Path(__file__).resolve().parents[1].glob("configs/pretrain/*.yaml")):
+    for recipe in sorted(Path(__file__).resolve().parents[1].glob("src/evamim/recipes/pretrain/*.yaml")):
         config = load_config(PretrainConfig, recipe, [f"data.path={tmp_path}"])
         validate(config)
-    paper = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "configs/pretrain/eva_g14_merged30m.yaml",
+    paper = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "src/evamim/recipes/pretrain/eva_g14_merged30m.yaml",
                         ["data.path=/data"])
     assert (paper.model.name, paper.optim.lr, paper.optim.betas, paper.optim.clip_grad) == ("eva_giant_p14", 1e-3, (0.9, 0.98), 3.0)
     assert paper.teacher.spec == "open_clip:ViT-L-14-quickgelu/openai" and paper.batch_size * 128 == 4096

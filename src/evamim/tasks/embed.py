@@ -27,14 +27,9 @@ import torch.nn.functional as F
 
 from evamim.config import ConfigError
 from evamim.data.config import DataConfig
-from evamim.tasks.common import (
-    BackboneSection,
-    add_config_arguments,
-    format_table,
-    output_dirs_problems,
-    run_config_command,
-    write_results,
-)
+from evamim.tasks.command import add_config_arguments, run_config_command
+from evamim.tasks.common import BackboneSection, format_table, output_dirs_problems, write_results
+
 from evamim.tasks.features import (
     FeatureRequest,
     FeatureSet,

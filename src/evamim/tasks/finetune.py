@@ -37,18 +37,18 @@ from evamim.engine import (
     unwrap_model,
 )
 from evamim.engine.ema import EmaConfig, ModelEma
+from evamim.tasks.command import add_config_arguments, run_config_command
 from evamim.tasks.common import (
     BackboneSection,
-    add_config_arguments,
     format_table,
     load_backbone,
     resolve_device,
-    run_config_command,
     single_process_problem,
     topk_accuracy,
     training_run_problems,
     write_results,
 )
+
 
 logger = logging.getLogger(__name__)
 

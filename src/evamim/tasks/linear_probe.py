@@ -40,15 +40,9 @@ from torch import nn
 from evamim.config import ConfigError
 from evamim.data.config import DataConfig
 from evamim.engine import OptimConfig, build_optimizer, lr_at, set_hparams
-from evamim.tasks.common import (
-    BackboneSection,
-    add_config_arguments,
-    format_table,
-    output_dirs_problems,
-    run_config_command,
-    topk_accuracy,
-    write_results,
-)
+from evamim.tasks.command import add_config_arguments, run_config_command
+from evamim.tasks.common import BackboneSection, format_table, output_dirs_problems, topk_accuracy, write_results
+
 from evamim.tasks.features import (
     FeatureRequest,
     FeatureSet,

@@ -44,7 +44,8 @@ from evamim.engine.distributed import (
 from evamim.engine.optim import param_groups
 from evamim.models.presets import list_models, model_config
 from evamim.models.vit import EvaViTConfig
-from evamim.tasks.common import add_config_arguments, run_config_command, training_run_problems
+from evamim.tasks.command import add_config_arguments, run_config_command
+from evamim.tasks.common import training_run_problems
 
 logger = logging.getLogger(__name__)
 

@@ -35,17 +35,17 @@ from evamim.engine import (
     build_optimizer,
 )
 from evamim.models.seg_heads import HEAD_KINDS
+from evamim.tasks.command import add_config_arguments, run_config_command
 from evamim.tasks.common import (
     BackboneSection,
-    add_config_arguments,
     format_table,
     load_backbone,
     resolve_device,
-    run_config_command,
     single_process_problem,
     training_run_problems,
     write_results,
 )
+
 
 logger = logging.getLogger(__name__)
 
