@@ -286,7 +286,7 @@ def test_a_checkpoint_saved_at_32_px_fine_tunes_at_48_px_with_resampled_position
 
 
 # ------------------------------------------------------------------------------------------------ recipes
-RECIPES = sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[1] / "src/evamim/recipes/finetune").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])

@@ -164,13 +164,16 @@ def test_linprobe_config_errors(tmp_path, capsys):
     assert "set val_data.path instead of val_data.holdout" in message
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml")))
+RECIPES = Path(__file__).parents[1] / "src/evamim/recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in [*(RECIPES / "knn").glob("*.yaml"), *(RECIPES / "linprobe").glob("*.yaml")]))
 def test_example_recipes_load_and_validate(recipe, tmp_path):
     from evamim.config import load_config
     from evamim.tasks import knn, linear_probe
 
     module = knn if recipe.startswith("knn") else linear_probe
     schema = knn.KnnConfig if module is knn else linear_probe.LinearProbeConfig
-    path = Path(__file__).parents[1] / "configs" / "eval" / recipe
+    path = RECIPES / ("knn" if module is knn else "linprobe") / recipe
     config = load_config(schema, path, ["backbone.name=eva_base_p16", f"data.path={tmp_path}", f"val_data.path={tmp_path}"])
     module.validate(config)

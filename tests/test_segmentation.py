@@ -326,7 +326,7 @@ def test_segmentation_runs_end_to_end_through_the_cli(dataset, tmp_path, capsys,
     built.load_state_dict(model.state_dict())  # strict: the same parameter names and shapes
 
 
-RECIPES = sorted((Path(__file__).parents[1] / "configs" / "segment").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[1] / "src/evamim/recipes/segment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
