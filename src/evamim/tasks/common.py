@@ -15,8 +15,8 @@ import torch
 
 
 @dataclass
-class BackboneSection:
-    """Which pre-trained model a downstream task starts from."""
+class ModelSection:
+    """``model.*`` of a task that starts from a pre-trained network and keeps it frozen (knn, embed, linprobe)."""
 
     pretrained: str | None = None
     """An evamim model directory (architecture from its config.json), or any weights file ``load_weights``
@@ -24,10 +24,20 @@ class BackboneSection:
     name: str | None = None
     """A preset (``evamim.list_models()``); needed when ``pretrained`` is not an evamim directory."""
     options: dict[str, Any] = field(default_factory=dict)
-    """EvaViTConfig overrides, e.g. ``{img_size: 336, drop_path_rate: 0.1}``."""
+    """Any other EvaViTConfig field, e.g. ``{use_rope: true}``."""
 
 
-def load_backbone(section: BackboneSection, **overrides: Any):
+@dataclass
+class TrainedModelSection(ModelSection):
+    """``model.*`` of a task that trains the network (finetune, segment)."""
+
+    drop_path_rate: float = 0.1
+    """Stochastic depth, linearly spaced over the blocks up to this rate (EVA-g IN-1K: 0.4)."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in backward: ~30% slower, much less memory (EVA-g at 336 px)."""
+
+
+def load_backbone(section: ModelSection, **overrides: Any):
     """Build the EvaViT a task starts from; ``overrides`` (task-specific, e.g. num_classes) win over options.
 
     The weights load strictly: every backbone tensor must match the file. The task heads (``TASK_HEADS``: the
@@ -37,7 +47,7 @@ def load_backbone(section: BackboneSection, **overrides: Any):
     from evamim.models.presets import create_model
 
     if section.pretrained is None and section.name is None:
-        raise ValueError("backbone: set backbone.pretrained (an evamim model directory or weights file) or backbone.name")
+        raise ValueError("model: set model.pretrained (an evamim model directory or weights file) or model.name")
     return create_model(section.name, pretrained=section.pretrained, strict=True, task_heads=TASK_HEADS,
                         **{**section.options, **overrides})
 

@@ -436,27 +436,6 @@ def gather_to_main(tensors: dict[str, torch.Tensor], info: Any) -> tuple[dict[st
     return gathered, [item["info"] for item in infos]
 
 
-@contextlib.contextmanager
-def evaluation_process(device_name: str):
-    """Join the job the launcher describes (torchrun or SLURM; ``evamim.engine.distributed``), yield this
-    process's device (``cuda:LOCAL_RANK`` with several GPUs per node) and leave the group it created.
-
-    Raises:
-        ConfigError: a device that cannot work here (the message says what to change).
-    """
-    from evamim.config import ConfigError
-    from evamim.engine.distributed import DistributedConfig, destroy_distributed, init_distributed
-
-    try:
-        state = init_distributed(DistributedConfig(), device_name)
-    except ValueError as error:
-        raise ConfigError(f"device: {error}") from None
-    try:
-        yield state.device
-    finally:
-        destroy_distributed(state)
-
-
 def is_main_process() -> bool:
     from evamim.engine.distributed import is_main_process as engine_is_main
 
@@ -700,7 +679,6 @@ __all__ = [
     "FeatureSet",
     "ValDataSection",
     "compute_parts",
-    "evaluation_process",
     "extract_features",
     "feature_dim",
     "features_for",

@@ -31,13 +31,13 @@ from evamim.data.config import DataConfig
 from evamim.tasks.command import add_config_arguments, run_config_command
 from evamim.tasks.common import BackboneSection, format_table, output_dirs_problems, write_results
 
+from evamim.tasks.runner import evaluation_process
 from evamim.tasks.features import (
     FeatureRequest,
     ValDataSection,
     check_backbone_and_data,
     check_features,
     class_problems,
-    evaluation_process,
     is_main_process,
     prepare_backbone,
     resolve_cache_dir,

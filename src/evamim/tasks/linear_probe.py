@@ -43,6 +43,7 @@ from evamim.engine import OptimConfig, build_optimizer, lr_at, set_hparams
 from evamim.tasks.command import add_config_arguments, run_config_command
 from evamim.tasks.common import BackboneSection, format_table, output_dirs_problems, topk_accuracy, write_results
 
+from evamim.tasks.runner import evaluation_process
 from evamim.tasks.features import (
     FeatureRequest,
     FeatureSet,
@@ -50,7 +51,6 @@ from evamim.tasks.features import (
     check_backbone_and_data,
     check_features,
     class_problems,
-    evaluation_process,
     feature_dim,
     features_for,
     features_from_batches,
