@@ -56,8 +56,8 @@ def losses(output_dir: Path) -> list[float]:
 @pytest.mark.slow
 def test_tiny_pretraining_lowers_the_loss_and_saves_a_loadable_model(teacher_dir, tmp_path):
     config = load_config(PretrainConfig, None, tiny_overrides(teacher_dir, tmp_path / "run", 50))
-    result = run_pretrain(config)
-    assert result.step == 50 and result.nonfinite_skipped == 0
+    summary = run_pretrain(config)
+    assert summary["steps"] == 50 and summary["nonfinite_skipped"] == 0
     curve = losses(tmp_path / "run")
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.1, (first, last)  # negative cosine: lower is better
@@ -106,7 +106,7 @@ def test_pretraining_on_a_folder_with_a_corrupt_file_skips_it(teacher_dir, tmp_p
     ]
     with caplog.at_level("WARNING"):
         result = run_pretrain(load_config(PretrainConfig, None, overrides))
-    assert result.step == 3 and result.nonfinite_skipped == 0
+    assert result["steps"] == 3 and result["nonfinite_skipped"] == 0
     assert "05_broken.jpg" in caplog.text  # reported with its path
     # ... and counted where the run's record is kept.
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -133,7 +133,7 @@ def test_bad_configs_fail_before_any_work_with_a_fix(tmp_path, override, message
     output = tmp_path / "never"
     code = main(["pretrain", "data.source=synthetic", f"output_dir={output}", *override.split()])
     assert code == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
     assert not output.exists()  # nothing was created
 
 
@@ -141,7 +141,7 @@ def test_missing_teacher_weights_fail_fast_with_instructions(tmp_path, capsys):
     code = main(["pretrain", f"teacher.spec=local:{tmp_path / 'nope'}", f"output_dir={tmp_path / 'out'}",
                  "data.source=synthetic", "device=cpu"])
     assert code == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "nope" in out and not (tmp_path / "out" / "checkpoints").exists()
 
 
@@ -169,11 +169,14 @@ def test_validation_loss_uses_a_fixed_mask_and_improves(teacher_dir, tmp_path):
         Image.new("RGB", (32, 32), (25 * i, 255 - 25 * i, 128)).save(folder / f"{i}.png")
     assert AlternatingMasking((4, 4))(1)[0].tolist() == [True, False] * 8
     overrides = tiny_overrides(teacher_dir, tmp_path / "run", 30) + [
-        f"validation.path={folder}", "validation.source=folder", "loop.eval_every=10",
+        f"val_data.path={folder}", "val_data.source=folder", "loop.eval_every=10",
     ]
-    run_pretrain(load_config(PretrainConfig, None, overrides))
+    summary = run_pretrain(load_config(PretrainConfig, None, overrides))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] < 0
     assert evals[-1]["eval/cos_masked"] == pytest.approx(-evals[-1]["eval/loss"])
+    # The last validation reaches the run's summary.
+    assert summary["validation"]["loss"] == pytest.approx(evals[-1]["eval/loss"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["validation"] == summary["validation"]

@@ -159,44 +159,113 @@ def pixel_mim(
 
 
 @dataclass(frozen=True)
-class Objective:
-    """A named objective with its options bound: ``objective(student, batch, targets) -> dict``.
+class ObjectiveSpec:
+    """What the pre-training task needs to know about an objective; registered once with :func:`register_objective`.
 
-    ``needs_teacher``: the loop must compute ``targets = teacher(batch['images'])``.
-    ``uses_masks``: the batch must carry ``masks`` (B, N) bool, True = masked.
+    ``needs_teacher``: the step computes ``targets = teacher(batch['images'])`` (B, N, D).
+    ``uses_masks``: batches carry ``masks`` (B, N) bool, True = masked; validation hides every other patch.
+    ``uses_mask_token``: the student has a learned mask token (masked patches are replaced by it).
+    ``head``: the width of the student's ``lm_head``: ``"teacher"`` (the teacher's feature width) or
+    ``"pixels"`` (a p x p x 3 patch).
+    ``eval_metrics``: the returned metrics that validation averages (``loss`` first), each a mean over tokens,
+    weighted by ``eval_weight`` (a returned count such as ``num_masked``) or, when None, by the images.
+    ``data_options``: ``DataConfig`` fields passed to the objective as options (pixel_mim: mean, std).
     """
 
     name: str
     fn: Callable[..., dict]
+    description: str
     needs_teacher: bool
     uses_masks: bool
+    uses_mask_token: bool
+    head: str
+    eval_metrics: tuple[str, ...]
+    eval_weight: str | None = None
+    data_options: tuple[str, ...] = ()
+
+    def head_dim(self, teacher_dim: int | None, patch_size: int) -> int:
+        """The width of the student's ``lm_head`` for this objective."""
+        if self.head == "pixels":
+            return patch_size * patch_size * 3
+        if teacher_dim is None:
+            raise ValueError(f"objective {self.name} predicts teacher features but no teacher width was given")
+        return teacher_dim
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A registered objective with its options bound: ``objective(student, batch, targets) -> dict``."""
+
+    spec: ObjectiveSpec
     options: dict = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.spec.needs_teacher
+
+    @property
+    def uses_masks(self) -> bool:
+        return self.spec.uses_masks
+
     def __call__(self, student: nn.Module, batch: dict, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return self.fn(student, batch, targets, **self.options)
+        return self.spec.fn(student, batch, targets, **self.options)
 
 
-_OBJECTIVES: dict[str, tuple[Callable[..., dict], bool, bool]] = {
-    "clip_mim": (clip_mim, True, True),
-    "feature_distill": (feature_distill, True, False),
-    "pixel_mim": (pixel_mim, False, True),
-}
+_OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(name: str, fn: Callable[..., dict], *, description: str, needs_teacher: bool,
+                       uses_masks: bool, eval_metrics: Sequence[str], eval_weight: str | None = None,
+                       uses_mask_token: bool | None = None, head: str = "teacher",
+                       data_options: Sequence[str] = ()) -> ObjectiveSpec:
+    """Make ``fn(student, batch, targets, **options) -> {"loss": ..., metrics}`` available as
+    ``objective: NAME`` in ``evamim pretrain`` (see :class:`ObjectiveSpec` for the properties)."""
+    if name in _OBJECTIVES:
+        raise ValueError(f"objective {name!r} is already registered")
+    if head not in ("teacher", "pixels"):
+        raise ValueError(f"head must be 'teacher' or 'pixels', got {head!r}")
+    if not eval_metrics or eval_metrics[0] != "loss":
+        raise ValueError(f"eval_metrics must start with 'loss', got {list(eval_metrics)}")
+    spec = ObjectiveSpec(name, fn, description, needs_teacher, uses_masks,
+                         uses_masks if uses_mask_token is None else uses_mask_token, head, tuple(eval_metrics),
+                         eval_weight, tuple(data_options))
+    _OBJECTIVES[name] = spec
+    return spec
+
+
+register_objective("clip_mim", clip_mim, description="EVA: teacher features at the masked patches, negative cosine",
+                   needs_teacher=True, uses_masks=True, eval_metrics=("loss", "cos_masked"), eval_weight="num_masked")
+register_objective("feature_distill", feature_distill,
+                   description="feature distillation: every patch regresses the teacher's, no masking",
+                   needs_teacher=True, uses_masks=False, eval_metrics=("loss", "cos"))
+register_objective("pixel_mim", pixel_mim, description="MAE's normalised pixels at the masked patches, MSE",
+                   needs_teacher=False, uses_masks=True, eval_metrics=("loss",), eval_weight="num_masked",
+                   head="pixels", data_options=("mean", "std"))
 
 
 def list_objectives() -> list[str]:
     return sorted(_OBJECTIVES)
 
 
-def get_objective(name: str, **options: Any) -> Objective:
-    """The objective called ``name`` with ``options`` bound (only pixel_mim has any: mean, std, norm_pix, eps)."""
+def objective_spec(name: str) -> ObjectiveSpec:
     if name not in _OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid objectives: {list_objectives()}")
-    fn, needs_teacher, uses_masks = _OBJECTIVES[name]
-    accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return _OBJECTIVES[name]
+
+
+def get_objective(name: str, **options: Any) -> Objective:
+    """The objective called ``name`` with ``options`` bound (only pixel_mim has any: mean, std, norm_pix, eps)."""
+    spec = objective_spec(name)
+    accepted = [p.name for p in inspect.signature(spec.fn).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"objective {name!r} has no option(s) {unknown}; it accepts {accepted or 'no options'}")
-    return Objective(name, fn, needs_teacher, uses_masks, dict(options))
+    return Objective(spec, dict(options))
 
 
 class ObjectiveModule(nn.Module):

@@ -37,6 +37,35 @@ class TrainedModelSection(ModelSection):
     """Recompute block activations in backward: ~30% slower, much less memory (EVA-g at 336 px)."""
 
 
+@dataclass
+class ValidationData:
+    """``val_data.*``: the validation images of a task; every other data setting is ``data``'s, so both sets
+    are read and transformed alike."""
+
+    path: str | None = None
+    """A folder, list or shards like ``data.path``; None = no validation set."""
+    source: str | None = None
+    """Their kind (``folder``, ``list``, ``shards``, ``synthetic``); None = ``data.source``."""
+
+    def problems(self, data: Any) -> list[str]:
+        """A path that does not exist, or a path given to a source that ignores it."""
+        if self.path is None:
+            return []
+        source = self.source or data.source
+        if source == "synthetic":
+            return [f"val_data.path={self.path!r} is set but the validation source is 'synthetic', which ignores it: "
+                    "set val_data.source (or data.source) to folder, list or shards"]
+        if source in ("folder", "list") and not Path(self.path).exists():
+            return [f"val_data.path {self.path} does not exist"]
+        return []
+
+    def data_config(self, data: Any) -> Any:
+        """``data`` with the validation path and source."""
+        import dataclasses
+
+        return dataclasses.replace(data, path=self.path, source=self.source or data.source)
+
+
 def load_backbone(section: ModelSection, **overrides: Any):
     """Build the EvaViT a task starts from; ``overrides`` (task-specific, e.g. num_classes) win over options.
 
@@ -114,9 +143,18 @@ def schedule_problems(optim: Any, loop: Any) -> list[str]:
     return found
 
 def training_run_problems(config: Any) -> list[str]:
-    """What is wrong with the sections every training task has (``optim``, ``loop``, ``checkpoint``,
-    ``output_dir``), before anything is built: the schedule, an explicit resume path, the output directory."""
-    found = schedule_problems(config.optim, config.loop)
+    """What is wrong with the sections every training task has (``batch_size`` / ``global_batch_size``,
+    ``optim``, ``loop``, ``checkpoint``, ``distributed``, ``output_dir``), before anything is built: the batch
+    arithmetic on the launched processes, the schedule, an explicit resume path, the strategy, the output directory."""
+    from evamim.tasks.batching import batch_problems, launch_world_size
+
+    found = batch_problems(config, launch_world_size()) + schedule_problems(config.optim, config.loop)
+    found += config.distributed.problems()
+    if config.distributed.strategy == "fsdp" and config.loop.precision == "fp16":
+        found.append(
+            "distributed.strategy=fsdp with loop.precision=fp16 is not supported: each process would check only its "
+            "own gradient shards for overflows and the processes could disagree on the loss scale; use "
+            "loop.precision=bf16, or strategy ddp/zero1 for fp16")
     resume = config.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).exists():
         found.append(f"checkpoint.resume {resume} does not exist: give a checkpoint file (or, for FSDP runs, a "
