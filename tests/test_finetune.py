@@ -23,8 +23,8 @@ TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
 def tiny_overrides(output_dir: Path, steps: int, *extra: str) -> list[str]:
     """A 2-block, 32-wide ViT on 64 synthetic 32-px images (8 shape classes): 4 steps per epoch."""
     return [
-        "backbone.name=eva_tiny_p16",
-        "backbone.options={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+        "model.name=eva_tiny_p16",
+        "model.options={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
         "data.source=synthetic",
         "data.image_size=32",
         "data.synthetic_resolution=48",
@@ -36,7 +36,7 @@ def tiny_overrides(output_dir: Path, steps: int, *extra: str) -> list[str]:
         "data.cutmix_alpha=0",
         "data.num_workers=0",
         "data.pin_memory=false",
-        "eval.data={seed: 1, synthetic_size: 32}",
+        "val_data.source=synthetic",
         "eval.batch_size=32",
         "ema.decay=0.9",
         "optim.lr=2e-3",
@@ -95,7 +95,7 @@ def test_layer_decay_groups_of_the_real_vit_scale_each_parameter_and_exempt_1d_p
 
 
 def test_finetune_model_is_mean_pool_fc_norm_head_with_small_init():
-    config = load_config(FinetuneConfig, None, tiny_overrides(Path("unused"), 1, "drop_path_rate=0.3"))
+    config = load_config(FinetuneConfig, None, tiny_overrides(Path("unused"), 1, "model.drop_path_rate=0.3"))
     torch.manual_seed(0)
     model = build_model(config, num_classes=8)
     assert model.config.global_pool == "avg" and isinstance(model.fc_norm, nn.LayerNorm)
@@ -199,10 +199,11 @@ def test_ema_hook_averages_after_each_taken_step_once_and_round_trips_its_state(
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ([], "eval.data is empty"),
-        (["eval.data={pathh: x}"], "unknown keys ['pathh']"),
-        (["backbone.options={num_classes: 3}"], "use head.num_classes"),
-        (["backbone.options={img_size: 64}"], "data.image_size=32"),
+        ([], "no validation set"),
+        (["val_data.pathh=x"], "valid keys under val_data"),
+        (["model.options={num_classes: 3}"], "use head.num_classes"),
+        (["model.options={img_size: 64}"], "use data.image_size"),
+        (["backbone.name=eva_tiny_p16"], "backbone"),
         (["data.mixup_alpha=0.8", "batch_size=6", "loop.grad_accum_steps=2"], "must be even"),
         (["data.labels=false"], "data.labels=true"),
         (["data.image_size=36"], "not divisible by patch_size"),
@@ -211,10 +212,9 @@ def test_ema_hook_averages_after_each_taken_step_once_and_round_trips_its_state(
 def test_config_mistakes_are_caught_before_anything_is_built(tmp_path, extra, message):
     overrides = tiny_overrides(tmp_path, 2, *extra)
     if not extra:  # no validation set given
-        overrides = [o for o in overrides if not o.startswith("eval.data")]
-    config = load_config(FinetuneConfig, None, overrides)
+        overrides = [o for o in overrides if not o.startswith("val_data")]
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate(config)
+        validate(load_config(FinetuneConfig, None, overrides))
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -230,7 +230,7 @@ def test_tiny_finetune_lowers_the_loss_and_evaluates_the_model_and_its_ema(tmp_p
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.05, (first, last)
 
-    results = json.loads((output / "results.json").read_text())
+    results = json.loads((output / "summary.json").read_text())
     for key in ("final", "final_ema", "best", "best_ema"):
         assert 0.0 <= results[key]["top1"] <= 100.0 and results[key]["top5"] >= results[key]["top1"], key
     assert results["steps"] == 32 and results["epochs"] == 8 and results["num_classes"] == 8
@@ -239,6 +239,7 @@ def test_tiny_finetune_lowers_the_loss_and_evaluates_the_model_and_its_ema(tmp_p
     assert all("eval/ema_top1" in e and "eval/ema_loss" in e for e in evals)
     assert results["best"]["top1"] == max(e["eval/top1"] for e in evals)
     assert results["best_ema"]["top1"] == max(e["eval/ema_top1"] for e in evals)
+    assert results["validation"]["ema_top1"] == evals[-1]["eval/ema_top1"]  # the last evaluation, in the summary
 
     model = evamim.create_model(pretrained=output / "model")
     ema = evamim.create_model(pretrained=output / "model_ema")
@@ -259,10 +260,9 @@ def test_a_checkpoint_saved_at_32_px_fine_tunes_at_48_px_with_resampled_position
     pretrained = evamim.create_model("eva_tiny_p16", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
                                      global_pool="token", use_mask_token=True, mim_head_dim=16)  # a MIM student
     directory = evamim.save_pretrained(pretrained, tmp_path / "pretrained")
-    overrides = [o for o in tiny_overrides(tmp_path / "run", 2) if not o.startswith(("backbone.", "data.image_size"))]
+    overrides = [o for o in tiny_overrides(tmp_path / "run", 2) if not o.startswith(("model.", "data.image_size"))]
     overrides += [
-        f"backbone.pretrained={directory}",
-        "backbone.options={img_size: 48}",
+        f"model.pretrained={directory}",
         "data.image_size=48",
         "data.synthetic_resolution=64",
         # the rest of the recipe's augmentation, exercised on the way
@@ -270,7 +270,6 @@ def test_a_checkpoint_saved_at_32_px_fine_tunes_at_48_px_with_resampled_position
         "data.random_erasing=0.25",
         "data.mixup_alpha=0.8",
         "data.cutmix_alpha=1.0",
-        "eval.data={seed: 1, synthetic_size: 16}",
     ]
     config = load_config(FinetuneConfig, None, overrides)
     model = build_model(config, num_classes=8)
@@ -293,22 +292,24 @@ RECIPES = sorted((Path(__file__).parents[1] / "src/evamim/recipes/finetune").glo
 def test_recipes_load_and_validate_once_their_paths_are_given(recipe, tmp_path):
     pretrained = evamim.save_pretrained(evamim.create_model("eva_tiny_p16", depth=2, embed_dim=32, num_heads=2),
                                         tmp_path / "pretrained")
-    paths = [f"backbone.pretrained={pretrained}", "data.path=/data/train", "eval.data.path=/data/val"]
-    with pytest.raises(ConfigError, match="backbone.pretrained /path/to/.* does not exist"):
+    val = tmp_path / "val"
+    val.mkdir()
+    paths = [f"model.pretrained={pretrained}", "data.path=/data/train", f"val_data.path={val}"]
+    with pytest.raises(ConfigError, match="model.pretrained /path/to/.* does not exist"):
         validate(load_config(FinetuneConfig, recipe, paths[1:]))
-    with pytest.raises(ConfigError, match="eval.data.path"):
-        load_config(FinetuneConfig, recipe, paths[:2])
+    with pytest.raises(ConfigError, match="val_data.path"):
+        validate(load_config(FinetuneConfig, recipe, paths[:2]))
     config = load_config(FinetuneConfig, recipe, paths)
     validate(config)
-    assert config.ema.enabled and config.optim.layer_decay and config.eval.data["path"] == "/data/val"
+    assert config.ema.enabled and config.optim.layer_decay and config.val_data.path == str(val)
 
 
 def test_the_paper_recipe_is_evas_in1k_336_setting():
     config = load_config(FinetuneConfig, Path(__file__).parents[1] / "src/evamim/recipes/finetune/eva_g14_in1k_336.yaml",
-                         ["data.path=/t", "eval.data.path=/v"])
-    assert (config.data.image_size, config.backbone.options["img_size"], config.loop.epochs) == (336, 336, 10)
-    assert config.batch_size == 512 and config.optim.lr == 3e-5 and config.optim.layer_decay == 0.95
-    assert config.drop_path_rate == 0.4 and config.data.label_smoothing == 0.3
+                         ["data.path=/t", "val_data.path=/v"])
+    assert (config.data.image_size, config.loop.epochs, config.model.grad_checkpointing) == (336, 10, True)
+    assert config.global_batch_size == 512 and config.optim.lr == 3e-5 and config.optim.layer_decay == 0.95
+    assert config.model.drop_path_rate == 0.4 and config.data.label_smoothing == 0.3
     assert config.data.auto_augment == "rand-m9-mstd0.5-inc1"
     assert config.data.mixup_alpha == 0 and config.data.cutmix_alpha == 0 and config.ema.decay == 0.9999
     assert config.head.init_scale == 0.001 and config.head.global_pool == "avg"

@@ -43,9 +43,14 @@ class ValidationData:
     are read and transformed alike."""
 
     path: str | None = None
-    """A folder, list or shards like ``data.path``; None = no validation set."""
+    """A folder, list or shards like ``data.path``; None = no validation set (unless ``source=synthetic``)."""
     source: str | None = None
-    """Their kind (``folder``, ``list``, ``shards``, ``synthetic``); None = ``data.source``."""
+    """Their kind (``folder``, ``list``, ``shards``, ``synthetic``); None = ``data.source``. ``synthetic`` (no
+    path) draws a validation set of ``data.synthetic_size`` images with another seed than the training set's."""
+
+    @property
+    def given(self) -> bool:
+        return self.path is not None or self.source == "synthetic"
 
     def problems(self, data: Any) -> list[str]:
         """A path that does not exist, or a path given to a source that ignores it."""
@@ -60,10 +65,13 @@ class ValidationData:
         return []
 
     def data_config(self, data: Any) -> Any:
-        """``data`` with the validation path and source."""
+        """``data`` with the validation path and source (a synthetic set is drawn with ``data.seed + 1``)."""
         import dataclasses
 
-        return dataclasses.replace(data, path=self.path, source=self.source or data.source)
+        source = self.source or data.source
+        if source == "synthetic":
+            return dataclasses.replace(data, source="synthetic", seed=data.seed + 1)
+        return dataclasses.replace(data, path=self.path, source=source)
 
 
 def load_backbone(section: ModelSection, **overrides: Any):

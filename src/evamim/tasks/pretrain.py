@@ -252,7 +252,7 @@ class PretrainTask:
         loader = build_loader(config.data, batch_size=context.batch_size, purpose="pretrain", mask_generator=masks)
         step = PretrainStep(teacher, context.device)
         evaluation = None
-        if config.val_data.path is not None:
+        if config.val_data.given:
             evaluation = MaskedValidation.build(config.val_data.data_config(config.data), spec, grid, step,
                                                 batch_size=context.batch_size, max_batches=config.eval.max_batches)
         return TrainingParts(
