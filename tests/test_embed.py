@@ -16,7 +16,8 @@ import evamim
 from evamim.cli import main
 from evamim.data.config import DataConfig
 from evamim.data.loader import build_loader
-from evamim.tasks.features import FeatureRequest, compute_parts, extract_features, feature_dim, parse_feature
+from evamim.features.choices import FeatureRequest, compute_parts, feature_dim, parse_feature
+from evamim.features.extract import extract_features
 from distributed_fixtures import gloo_group
 from test_knn import TINY, one_thread  # noqa: F401  (an autouse fixture)
 
@@ -139,7 +140,7 @@ def test_embed_skips_unreadable_images_without_duplicating_rows(tmp_path):
 
 def test_embed_rejects_an_unknown_format(tmp_path, capsys):
     assert main(["embed", *TINY, "data.image_size=32", "format=parquet", f"output_dir={tmp_path}"]) == 2
-    assert "format must be one of npy, safetensors" in capsys.readouterr().out
+    assert "format must be one of npy, safetensors" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ two ranks

@@ -1,4 +1,4 @@
-"""Two gloo processes with DDP: every process's RNG and data position survive a resume."""
+"""Two gloo processes with DDP: every process's RNG and data position survive a resume; the collectives in one process."""
 
 import pytest
 import torch
@@ -44,3 +44,14 @@ def test_ddp_resume_restores_each_process_state(tmp_path):
     assert results[0]["full"] != results[1]["full"]  # the processes really saw different batches
     checkpoint = torch.load(tmp_path / "split" / "checkpoints" / f"step-{2 * N:09d}.pt", weights_only=True)
     assert len(checkpoint["per_rank"]) == WORLD
+
+
+def test_collectives_without_a_process_group_return_the_callers_own_data():
+    from evamim.engine.distributed import broadcast_from_main, gather_rows, gather_to_main
+
+    rows = {"indices": torch.arange(3), "x": torch.ones(3, 2)}
+    gathered, infos = gather_to_main(rows, {"keys": ["a"]})
+    assert infos == [{"keys": ["a"]}] and torch.equal(gathered["x"], rows["x"])
+    assert gather_rows(rows["x"], [3]) is rows["x"] and broadcast_from_main(5) == 5
+    with pytest.raises(ValueError, match="one row count"):
+        gather_to_main({"indices": torch.arange(3), "x": torch.ones(2, 2)}, None)

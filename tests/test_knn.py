@@ -14,11 +14,11 @@ from PIL import Image
 
 import evamim  # noqa: F401  (makes torchvision importable before anything pulls it in)
 from evamim.cli import main
+from evamim.features.extract import holdout_split
 from evamim.models.vit import EvaViT
-from evamim.tasks.features import holdout_split
 from evamim.tasks.knn import knn_classify, vote_hits, weighted_votes
 
-TINY = ["backbone.name=eva_tiny_p16", "backbone.options={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}"]
+TINY = ["model.name=eva_tiny_p16", "model.options={img_size: 32, patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}"]
 
 
 def write_digits(root: Path) -> tuple[Path, Path]:
@@ -184,20 +184,34 @@ def test_knn_cli_on_digits_is_sane_reproducible_and_cached(digits, tmp_path, mon
 def test_knn_cli_errors_say_what_to_change(tmp_path, capsys):
     assert main(["knn", *TINY, "data.source=folder", f"data.path={tmp_path / 'nowhere'}", "val_data.holdout=0.2",
                  "data.image_size=32", f"output_dir={tmp_path}", "features=[cls,mean]"]) == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
     assert "unknown feature choice 'mean'" in message and "cls, avg" in message and "lastN" in message
 
     assert main(["knn", *TINY, "data.source=folder", f"data.path={tmp_path / 'nowhere'}", "val_data.holdout=0.2",
                  "data.image_size=32", "data.num_workers=0", f"output_dir={tmp_path}"]) == 2
-    assert str(tmp_path / "nowhere") in capsys.readouterr().out
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
 
     # The path is read (its source inferred), not ignored: what is missing is the validation set.
     assert main(["knn", *TINY, f"data.path={tmp_path}", f"output_dir={tmp_path}"]) == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
     assert "no validation set" in message and "val_data.path" in message
 
     assert main(["knn", *TINY, "val_data.holdout=0.2", f"output_dir={tmp_path}"]) == 2
-    assert "data.image_size=32" in capsys.readouterr().out  # the 32 px backbone vs the default 224 px data
+    assert "data.image_size=32" in capsys.readouterr().err  # the 32 px backbone vs the default 224 px data
+
+
+def test_precision_names_the_autocast_dtype_and_the_backbone_is_model(tmp_path):
+    from evamim.config import ConfigError, load_config
+    from evamim.tasks.knn import KnnConfig, validate
+
+    base = TINY + ["val_data.holdout=0.2", "data.image_size=32", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, fp16, got 'fp8'"):
+        validate(load_config(KnnConfig, None, base + ["precision=fp8"]))
+    for old_key in ("dtype=bf16", "backbone.name=eva_tiny_p16"):
+        with pytest.raises(ConfigError):
+            load_config(KnnConfig, None, base + [old_key])
+    with pytest.raises(ConfigError, match="model.name 'eva_tiny' is not a preset"):
+        validate(load_config(KnnConfig, None, base + ["model.name=eva_tiny"]))
 
 
 def test_train_and_val_folders_must_have_the_same_classes(tmp_path, capsys):
@@ -206,5 +220,5 @@ def test_train_and_val_folders_must_have_the_same_classes(tmp_path, capsys):
         Image.new("RGB", (32, 32)).save(tmp_path / folder / "0.png")
     args = digits_args(tmp_path / "train", tmp_path / "val", tmp_path / "out")
     assert main(["knn", *args]) == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
     assert "only in train ['dog'], only in val ['cow']" in message and "sorted folder names" in message

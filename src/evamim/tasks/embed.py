@@ -27,20 +27,13 @@ import torch.nn.functional as F
 
 from evamim.config import ConfigError
 from evamim.data.config import DataConfig
+from evamim.engine.distributed import is_main_process
+from evamim.features.choices import FeatureRequest, check_features
+from evamim.features.extract import FeatureSet, resolve_precision
+from evamim.features.pipeline import check_model_and_data, features_for, prepare_backbone
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import BackboneSection, format_table, output_dirs_problems, write_results
-
+from evamim.tasks.common import ModelSection, format_table, output_dirs_problems, write_results
 from evamim.tasks.runner import evaluation_process
-from evamim.tasks.features import (
-    FeatureRequest,
-    FeatureSet,
-    check_backbone_and_data,
-    check_features,
-    features_for,
-    is_main_process,
-    prepare_backbone,
-    resolve_dtype,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +45,7 @@ SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 class EmbedConfig:
     """``evamim embed``."""
 
-    backbone: BackboneSection = field(default_factory=BackboneSection)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     """The images: ``data.source`` (folder, list, shards), ``data.path``, ``data.image_size``; ``data.labels``
     to also save labels."""
@@ -67,16 +60,16 @@ class EmbedConfig:
     batch_size: int = 256
     output_dir: str = "runs/embed"
     device: str = "auto"
-    dtype: str = "auto"
+    precision: str = "auto"
     """Autocast dtype of the backbone: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."""
     seed: int = 0
-    """Seeds a randomly initialised backbone (no ``backbone.pretrained``)."""
+    """Seeds a randomly initialised backbone (no ``model.pretrained``)."""
     progress: bool = True
 
 
 def validate(config: EmbedConfig) -> None:
     problems: list[str] = []
-    check_backbone_and_data(config.backbone, config.data, config.dtype, problems, needs_labels=False)
+    check_model_and_data(config.model, config.data, config.precision, problems, needs_labels=False)
     check_features([config.features], problems)
     if config.format not in FORMATS:
         problems.append(f"format must be one of {', '.join(FORMATS)}, got {config.format!r}")
@@ -129,8 +122,8 @@ def run_embed(config: EmbedConfig) -> dict[str, Any] | None:
 
 def _run(config: EmbedConfig, device: torch.device) -> dict[str, Any] | None:
     try:
-        dtype = resolve_dtype(config.dtype, device)
-        model = prepare_backbone(config.backbone, config.data.image_size, device, config.seed)
+        dtype = resolve_precision(config.precision, device)
+        model = prepare_backbone(config.model, config.data.image_size, device, config.seed)
         request = FeatureRequest.for_features([config.features])
         request.check(model)
     except ValueError as error:
@@ -161,7 +154,7 @@ def _run(config: EmbedConfig, device: torch.device) -> dict[str, Any] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "a YAML file with the keys below",
-                         "backbone.pretrained=runs/pretrain/model data.source=folder data.path=/photos format=safetensors")
+                         "model.pretrained=runs/pretrain/model data.source=folder data.path=/photos format=safetensors")
 
 
 def run(args: argparse.Namespace) -> int:

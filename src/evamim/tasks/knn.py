@@ -28,22 +28,14 @@ import torch.nn.functional as F
 
 from evamim.config import ConfigError
 from evamim.data.config import DataConfig
+from evamim.engine.distributed import is_main_process
+from evamim.features.choices import FeatureRequest, check_features
+from evamim.features.extract import resolve_precision
+from evamim.features.pipeline import check_model_and_data, prepare_backbone, resolve_cache_dir, train_val_features
+from evamim.features.val_data import ValDataSection, class_problems
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import BackboneSection, format_table, output_dirs_problems, write_results
-
+from evamim.tasks.common import ModelSection, format_table, output_dirs_problems, write_results
 from evamim.tasks.runner import evaluation_process
-from evamim.tasks.features import (
-    FeatureRequest,
-    ValDataSection,
-    check_backbone_and_data,
-    check_features,
-    class_problems,
-    is_main_process,
-    prepare_backbone,
-    resolve_cache_dir,
-    resolve_dtype,
-    train_val_features,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +44,7 @@ logger = logging.getLogger(__name__)
 class KnnConfig:
     """``evamim knn``; defaults follow DINO (k in 10, 20, 100, 200; T = 0.07; cls token)."""
 
-    backbone: BackboneSection = field(default_factory=BackboneSection)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=lambda: DataConfig(labels=True))
     """The training (reference) set: ``data.source``, ``data.path``, ``data.image_size``, ``data.crop_pct``..."""
     val_data: ValDataSection = field(default_factory=ValDataSection)
@@ -71,17 +63,17 @@ class KnnConfig:
     """Where cached features go; None = ``<output_dir>/features``. Share it between runs and tasks."""
     output_dir: str = "runs/knn"
     device: str = "auto"
-    dtype: str = "auto"
+    precision: str = "auto"
     """Autocast dtype of the backbone: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."""
     seed: int = 0
-    """Seeds a randomly initialised backbone (no ``backbone.pretrained``) and the holdout split."""
+    """Seeds a randomly initialised backbone (no ``model.pretrained``) and the holdout split."""
     progress: bool = True
 
 
 def validate(config: KnnConfig) -> None:
     """Raise ConfigError listing everything that would fail later, before any model or data is built."""
     problems: list[str] = []
-    check_backbone_and_data(config.backbone, config.data, config.dtype, problems, needs_labels=True)
+    check_model_and_data(config.model, config.data, config.precision, problems, needs_labels=True)
     problems += config.val_data.check(config.data) or class_problems(config.data, config.val_data)
     check_features(config.features, problems)
     if not config.ks or min(config.ks) < 1:
@@ -175,8 +167,8 @@ def run_knn(config: KnnConfig) -> dict[str, Any] | None:
 
 def _run(config: KnnConfig, device: torch.device) -> dict[str, Any] | None:
     try:
-        dtype = resolve_dtype(config.dtype, device)
-        model = prepare_backbone(config.backbone, config.data.image_size, device, config.seed)
+        dtype = resolve_precision(config.precision, device)
+        model = prepare_backbone(config.model, config.data.image_size, device, config.seed)
         request = FeatureRequest.for_features(config.features)
         request.check(model)
     except ValueError as error:
@@ -218,8 +210,8 @@ def _run(config: KnnConfig, device: torch.device) -> dict[str, Any] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "configs/eval/knn_in1k.yaml",
-                         "backbone.pretrained=runs/pretrain/model data.path=/data/in1k/train val_data.path=/data/in1k/val")
+    add_config_arguments(parser, "knn_in1k",
+                         "model.pretrained=runs/pretrain/model data.path=/data/in1k/train val_data.path=/data/in1k/val")
 
 
 def run(args: argparse.Namespace) -> int:
