@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from evamim.engine import CheckpointConfig, OptimConfig
-from evamim.engine import loop as loop_module
+from evamim.engine.loop import state as loop_state
 from test_engine_toys import EpochList, Recorder, ToyData, ToyNet, make_trainer
 
 N = 6  # 4 batches per epoch: the checkpoint falls in the middle of the second epoch
@@ -48,7 +48,7 @@ def test_resume_is_bit_exact_with_accumulation_and_bf16(tmp_path):
 
 def test_resume_without_rng_restore_would_differ(tmp_path, monkeypatch):
     """The check above is sensitive to the RNG state: without restoring it, dropout masks change."""
-    monkeypatch.setattr(loop_module, "restore_rng_state", lambda state: None)
+    monkeypatch.setattr(loop_state, "restore_rng_state", lambda state: None)
     with pytest.raises(AssertionError):
         _assert_same_run(tmp_path, ToyData)
 

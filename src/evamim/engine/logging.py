@@ -1,4 +1,5 @@
-"""Training logs: ``metrics.jsonl``, TensorBoard scalars and a tqdm progress bar.
+"""Training logs: ``metrics.jsonl``, TensorBoard scalars and the progress shown on the console
+(:mod:`~evamim.engine.progress`: a tqdm bar on a terminal, plain log lines otherwise).
 
 Only the main process writes: every class here takes ``is_main_process`` and does nothing (not even a
 device sync) when it is False. Which process is the main one is decided by the caller.
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from evamim import atomic
+from evamim.engine.progress import Progress
 
 _log = logging.getLogger(__name__)
 
@@ -77,7 +81,9 @@ class Throughput:
 
 class MetricsLogger:
     """Writes log records to ``<out_dir>/metrics.jsonl`` and ``<out_dir>/tensorboard/``, and drives the
-    progress bar (total = ``total_steps``, starting at ``start_step``, so its ETA covers the rest of the run).
+    console progress (total = ``total_steps``, starting at ``start_step``, so its ETA covers the rest of the
+    run): with ``progress_bar``, a tqdm bar when stderr is a terminal, otherwise one log line per training
+    record (:class:`~evamim.engine.progress.Progress`).
     """
 
     def __init__(
@@ -94,7 +100,7 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self._jsonl = None
         self._tb = None
-        self._bar = None
+        self._progress = None
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,10 +113,7 @@ class MetricsLogger:
 
             # purge_step hides events at or after it that an earlier attempt wrote past where this one starts.
             self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-        if progress_bar:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
+        self._progress = Progress(enabled=progress_bar, total_steps=total_steps, start_step=start_step)
 
     def log(self, step: int, values: Mapping[str, float], prefix: str = "train") -> None:
         """Write one record. ``values`` are plain floats/ints; keys are written as given to JSONL
@@ -126,40 +129,29 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(f"{prefix}/{key}", value, global_step=step)
             self._tb.flush()
-        if self._bar is not None and prefix == "train":
-            self._bar.set_postfix(_bar_fields(values), refresh=False)
+        if self._progress is not None and prefix == "train":
+            self._progress.report(step, values)
 
     def advance(self, steps: int = 1) -> None:
-        """Move the progress bar by ``steps`` optimizer steps."""
-        if self._bar is not None:
-            self._bar.update(steps)
+        """``steps`` more optimizer steps are done (moves the progress bar)."""
+        if self._progress is not None:
+            self._progress.advance(steps)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        if self._progress is not None:
+            self._progress.close()
         if self._tb is not None:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._bar = self._tb = self._jsonl = None
-
-
-def _bar_fields(values: Mapping[str, float]) -> dict[str, str]:
-    fields = {}
-    if "loss" in values:
-        fields["loss"] = f"{values['loss']:.4g}"
-    if "lr" in values:
-        fields["lr"] = f"{values['lr']:.3g}"
-    if "img_per_s" in values:
-        fields["img/s"] = f"{values['img_per_s']:.1f}"
-    return fields
+        self._progress = self._tb = self._jsonl = None
 
 
 def drop_records_after(path: Path, step: int) -> None:
     """Rewrite ``path`` (a JSONL log) without the records whose ``step`` is greater than ``step``.
 
-    A torn last line (the process died mid-write) is dropped too. Rewritten through a temp file and
-    ``os.replace`` so a crash here cannot lose the records that are kept.
+    A torn last line (the process died mid-write) is dropped too. Rewritten atomically (:mod:`evamim.atomic`)
+    so a crash here cannot lose the records that are kept.
     """
     if not path.exists():
         return
@@ -177,8 +169,5 @@ def drop_records_after(path: Path, step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
     if not dropped:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(kept))
     _log.info("dropped %d records after step %d from %s (resumed run)", dropped, step, path)

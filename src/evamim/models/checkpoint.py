@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from evamim import atomic
 
 # The public names that moved to export / infer / sources are re-exported here for a stable import path.
 from evamim.models.export import (
@@ -180,20 +181,6 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------------------------- native format
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same directory, then rename: a crash leaves the old file intact."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class NonFiniteWeightsError(ValueError):
     """A model with NaN or infinite weights was to be saved as a finished model."""
 
@@ -219,8 +206,9 @@ def save_pretrained(model: EvaViT, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(model.config.to_dict(), indent=2)
     metadata = {"format": "pt", "evamim_version": __version__, "config": config_json}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n"))
+    # Atomic writes: a crash leaves the old files intact, never a torn one.
+    atomic.write_with(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    atomic.write_text(directory / CONFIG_NAME, config_json + "\n")
     return directory
 
 
