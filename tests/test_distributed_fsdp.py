@@ -74,6 +74,6 @@ def test_fsdp_matches_one_process_and_its_checkpoints_move_between_one_and_two_p
     (damaged / "model").rename(damaged / "model-before")
     with OneThread():
         result = run_pretrain(_config(teacher_dir, damaged, 1))
-    assert result.last_checkpoint.name == f"step-{STEPS:09d}"  # retrained from step 2 and saved again
+    assert Path(result["last_checkpoint"]).name == f"step-{STEPS:09d}"  # retrained from step 2 and saved again
     assert losses(damaged) == pytest.approx(reference, abs=LOSS_TOLERANCE)
     assert max_difference(exported_weights(damaged), reference_weights) < WEIGHT_TOLERANCE

@@ -255,9 +255,10 @@ def test_the_training_loader_resumes_mid_epoch_with_the_same_crops(dataset):
         (["data.crop_size=36"], "not divisible by patch_size"),
         (["head.kind=linear", "head.indices=[0, 1]"], "reads 1 blocks"),
         (["head.kind=fcn"], "head.kind must be one of"),
-        (["freeze_backbone=true", "drop_path_rate=0.1"], "drop_path_rate=0"),
+        (["freeze_backbone=true", "model.drop_path_rate=0.1"], "model.drop_path_rate=0"),
         (["eval.stride=40"], "eval.stride"),
-        (["backbone.options={img_size: 48}"], "data.crop_size=32"),
+        (["model.options={img_size: 48}"], "use data.crop_size"),
+        (["distributed.strategy=fsdp"], "use ddp or zero1"),
     ],
 )
 def test_config_mistakes_are_caught_before_anything_is_built(dataset, tmp_path, extra, message):
@@ -269,8 +270,8 @@ def test_config_mistakes_are_caught_before_anything_is_built(dataset, tmp_path, 
 # ------------------------------------------------------------------------------------------------- runs
 def tiny_overrides(root: Path, output_dir: Path, kind: str, steps: int) -> list[str]:
     return [
-        "backbone.name=eva_tiny_p16",
-        "backbone.options={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+        "model.name=eva_tiny_p16",
+        "model.options={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
         f"head.kind={kind}",
         "head.channels=16",
         f"data.root={root}",
@@ -292,7 +293,7 @@ def tiny_overrides(root: Path, output_dir: Path, kind: str, steps: int) -> list[
         "loop.progress_bar=false",
         "loop.tensorboard=false",
         "checkpoint.every=1000",
-        "drop_path_rate=0.1",
+        "model.drop_path_rate=0.1",
         "batch_size=4",
         "device=cpu",
         f"output_dir={output_dir}",
@@ -304,11 +305,11 @@ def test_segmentation_runs_end_to_end_through_the_cli(dataset, tmp_path, capsys,
     torch.manual_seed(0)  # a "pre-trained" backbone at 16 px: its positions are resampled to the 32-px crop
     pretrained = evamim.save_pretrained(tiny_backbone(img_size=16, global_pool="token", mim_head_dim=8), tmp_path / "pt")
     output = tmp_path / "run"
-    overrides = [o for o in tiny_overrides(dataset, output, kind, 6) if not o.startswith("backbone.")]
-    assert main(["segment", *overrides, f"backbone.pretrained={pretrained}"]) == 0
+    overrides = [o for o in tiny_overrides(dataset, output, kind, 6) if not o.startswith(("model.name", "model.options"))]
+    assert main(["segment", *overrides, f"model.pretrained={pretrained}"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2].split() == ["head", "steps", "mIoU", "mAcc", "aAcc"] and out[-1].split()[:2] == [kind, "6"]
-    results = json.loads((output / "results.json").read_text())
+    results = json.loads((output / "summary.json").read_text())
     assert results["steps"] == 6 and results["head"] == kind and 0.0 <= results["mIoU"] <= 100.0
     assert len(results["per_class_iou"]) == 3 and "NaN" in results["iou_convention"]
     assert (output / "config.yaml").exists()
@@ -317,12 +318,12 @@ def test_segmentation_runs_end_to_end_through_the_cli(dataset, tmp_path, capsys,
     assert [r["eval/mIoU"] for r in records if "eval/mIoU" in r] == [pytest.approx(results["mIoU"])]
 
     if kind == "linear":  # re-running the finished run trains nothing and evaluates the saved state again
-        again = run_segmentation(load_config(SegmentConfig, None, overrides + [f"backbone.pretrained={pretrained}"]))
+        again = run_segmentation(load_config(SegmentConfig, None, overrides + [f"model.pretrained={pretrained}"]))
         assert again["steps"] == 6 and again["mIoU"] == pytest.approx(results["mIoU"])
 
     model = load_segmenter(output / "model")  # the exported model has the architecture the task builds
     assert model.kind == kind and model.backbone.pos_embed.shape == (1, 17, 32)
-    built = build_segmenter(load_config(SegmentConfig, None, overrides + [f"backbone.pretrained={pretrained}"]))
+    built = build_segmenter(load_config(SegmentConfig, None, overrides + [f"model.pretrained={pretrained}"]))
     built.load_state_dict(model.state_dict())  # strict: the same parameter names and shapes
 
 
@@ -335,10 +336,10 @@ def test_recipes_load_and_validate_once_their_paths_are_given(recipe, tmp_path):
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
     (pretrained / "config.json").write_text(json.dumps(backbone.config.to_dict()))
-    with pytest.raises(ConfigError, match="backbone.pretrained /path/to/.* does not exist"):
+    with pytest.raises(ConfigError, match="model.pretrained /path/to/.* does not exist"):
         validate(load_config(SegmentConfig, recipe, ["data.root=/data/ade"]))
     with pytest.raises(ConfigError, match="data.root is empty"):
-        validate(load_config(SegmentConfig, recipe, [f"backbone.pretrained={pretrained}"]))
-    config = load_config(SegmentConfig, recipe, [f"backbone.pretrained={pretrained}", "data.root=/data/ade"])
+        validate(load_config(SegmentConfig, recipe, [f"model.pretrained={pretrained}"]))
+    config = load_config(SegmentConfig, recipe, [f"model.pretrained={pretrained}", "data.root=/data/ade"])
     validate(config)
     assert config.optim.schedule == "poly" and config.data.num_classes == 150 and config.data.reduce_zero_label

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -71,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(PretrainConfig, None, overrides)
     except ConfigError as error:
-        print(f"evamim demo: {error}")
+        print(f"evamim demo: {error}", file=sys.stderr)
         return 2
     result = run_pretrain(config)
     print(summarize(Path(config.output_dir)))
-    return 0 if result.step == config.loop.total_steps else 1
+    return 0 if result["steps"] == config.loop.total_steps else 1
 
 
 def summarize(output_dir: Path) -> str:

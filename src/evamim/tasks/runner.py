@@ -177,6 +177,13 @@ def _train(task: TrainingTask, config: Any, state: Any, plan: Any, hooks: Sequen
         world_size=state.world_size, checkpointer=checkpointer,
     )
     result = trainer.train()
+    if evaluator is not None and evaluator.last is None:
+        # A run that had nothing left to do (re-running a finished one) still reports its validation metrics.
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), trainer.precision.autocast():
+            evaluator(model)
+        model.train(was_training)
     full = full_weights(trained, parts.skeleton, state.is_main_process)
     exported = dict(parts.export(full, output_dir)) if parts.export is not None and state.is_main_process else {}
     summary = {

@@ -6,58 +6,54 @@ the shared training loop on random-scale / crop / flip / photometric crops, with
 ignores label 255 -> sliding-window evaluation (window = crop, logits averaged where windows overlap) scored by
 a confusion matrix: mIoU, mean class accuracy, pixel accuracy and per-class IoU.
 
-Output directory: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``model/``
-(``segmenter.safetensors`` + ``segmenter.json``, reloadable with ``evamim.models.seg_heads.load_segmenter``),
-``results.json``.
+Runs on the task runner (``evamim.tasks.runner``): one process or many (ddp or zero1; BatchNorm layers then
+normalise over the global batch, like mmseg's SyncBN), with checkpoints and exact resume. Output directory:
+``config.yaml``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``, ``model/`` (``segmenter.safetensors`` +
+``segmenter.json``, reloadable with ``evamim.models.seg_heads.load_segmenter``), ``summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from evamim.config import ConfigError, save_config, to_dict
-from evamim.data.segmentation import IGNORE_INDEX, SegDataConfig
-from evamim.engine import (
-    CheckpointConfig,
-    LoopConfig,
-    OptimConfig,
-    Precision,
-    Trainer,
-    build_optimizer,
-)
+from evamim.config import ConfigError
+from evamim.data.segmentation import SegDataConfig
+from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig
+from evamim.engine.distributed import DistributedConfig
 from evamim.models.seg_heads import HEAD_KINDS
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import (
-    BackboneSection,
-    format_table,
-    load_backbone,
-    resolve_device,
-    single_process_problem,
-    training_run_problems,
-    write_results,
+from evamim.tasks.common import TrainedModelSection, format_table, load_backbone, training_run_problems
+from evamim.tasks.finetune import model_problems
+from evamim.tasks.runner import RunContext, TrainingParts, run_training
+from evamim.tasks.seg_metrics import (
+    IOU_CONVENTION,
+    ConfusionMatrix,
+    SegEvaluation,
+    SegmentationStep,
+    nan_to_none,
+    segmentation_loss,
 )
-
 
 logger = logging.getLogger(__name__)
 
 # EvaViTConfig fields the task sets itself (the segmenter has no classifier, pooling or MIM head).
-TASK_OWNED_OPTIONS = ("num_classes", "global_pool", "drop_path_rate", "mim_head_dim", "use_mask_token")
-
-IOU_CONVENTION = (
-    "IoU = TP / (TP + FP + FN) per class over all evaluated pixels; pixels labelled 255 are not counted. "
-    "A class absent from both labels and predictions has IoU NaN (null in JSON) and is left out of mIoU; "
-    "a class predicted but never labelled has IoU 0 and counts. Values in percent."
-)
-
+TASK_OWNED_OPTIONS = {
+    "num_classes": None,
+    "global_pool": None,
+    "drop_path_rate": "model.drop_path_rate",
+    "grad_checkpointing": "model.grad_checkpointing",
+    "img_size": "data.crop_size",
+    "mim_head_dim": None,
+    "use_mask_token": None,
+}
 
 @dataclass
 class SegHeadSection:
@@ -77,8 +73,19 @@ class SegHeadSection:
 
 
 @dataclass
+class SegValidationData:
+    """``val_data.*``: the validation images and labels, read and transformed with ``data``'s settings."""
+
+    path: str | None = None
+    """Dataset root holding ``images/<split>/`` and ``annotations/<split>/``; None = ``data.root``."""
+    split: str = "validation"
+    limit: int | None = None
+    """Score only the first this many validation images (quick checks); None = all."""
+
+
+@dataclass
 class SegEvalSection:
-    """Sliding-window evaluation on the validation split."""
+    """Sliding-window evaluation on ``val_data``."""
 
     enabled: bool = True
     stride: int | None = None
@@ -92,9 +99,10 @@ class SegmentConfig:
     """Defaults: a ViT-B/16 UPerNet recipe on ADE20K (512 crop, batch 16, 160k steps); configs/segment/*.yaml
     hold the deltas."""
 
-    backbone: BackboneSection = field(default_factory=BackboneSection)
+    model: TrainedModelSection = field(default_factory=TrainedModelSection)
     head: SegHeadSection = field(default_factory=SegHeadSection)
     data: SegDataConfig = field(default_factory=SegDataConfig)
+    val_data: SegValidationData = field(default_factory=SegValidationData)
     eval: SegEvalSection = field(default_factory=SegEvalSection)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
@@ -104,11 +112,14 @@ class SegmentConfig:
     )
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(total_steps=160_000, eval_every=16_000))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=4000))
-    drop_path_rate: float = 0.1
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """How several processes share the model: ddp or zero1 (docs/multi-node.md)."""
     freeze_backbone: bool = False
-    """Train the head only (a segmentation probe of frozen features); needs drop_path_rate=0."""
+    """Train the head only (a segmentation probe of frozen features); needs model.drop_path_rate=0."""
     batch_size: int = 16
-    """Crops per process and optimizer step."""
+    """Crops per process and optimizer step; with ``global_batch_size`` set: per forward (see tasks/batching.py)."""
+    global_batch_size: int | None = None
+    """Crops per optimizer step over all processes (the accumulation is derived); None = ``batch_size`` x processes."""
     output_dir: str = "runs/segment"
     seed: int = 0
     device: str = "auto"
@@ -116,12 +127,13 @@ class SegmentConfig:
 
 # ------------------------------------------------------------------------------------------- validation
 def backbone_overrides(config: SegmentConfig) -> dict[str, Any]:
-    """The EvaViTConfig fields this task sets on top of ``backbone.options``."""
+    """The EvaViTConfig fields this task sets on top of ``model.options``."""
     return {
         "img_size": config.data.crop_size,
         "num_classes": 0,
         "global_pool": "",
-        "drop_path_rate": config.drop_path_rate,
+        "drop_path_rate": config.model.drop_path_rate,
+        "grad_checkpointing": config.model.grad_checkpointing,
         "mim_head_dim": None,
         "use_mask_token": False,
     }
@@ -132,14 +144,14 @@ def _check_backbone_config(config: SegmentConfig) -> str | None:
     from evamim.models.presets import model_config
     from evamim.models.vit import EvaViTConfig, feature_take_indices
 
-    overrides = {**config.backbone.options, **backbone_overrides(config)}
+    overrides = {**config.model.options, **backbone_overrides(config)}
     try:
-        if config.backbone.name is not None:
-            vit_config = model_config(config.backbone.name, **overrides)
+        if config.model.name is not None:
+            vit_config = model_config(config.model.name, **overrides)
         else:  # the architecture comes from an evamim directory (or .safetensors with its config)
-            vit_config = EvaViTConfig.from_dict({**read_config(config.backbone.pretrained).to_dict(), **overrides})
+            vit_config = EvaViTConfig.from_dict({**read_config(config.model.pretrained).to_dict(), **overrides})
     except (ValueError, FileNotFoundError) as error:
-        return f"backbone (built at data.crop_size={config.data.crop_size}): {error}"
+        return f"model (built at data.crop_size={config.data.crop_size}): {error}"
     if config.head.indices is not None:
         try:
             feature_take_indices(vit_config.depth, config.head.indices)
@@ -150,38 +162,23 @@ def _check_backbone_config(config: SegmentConfig) -> str | None:
 
 def validate(config: SegmentConfig) -> None:
     """Raise ConfigError for anything that would fail later, before any data or model is built."""
-    launch_problem = single_process_problem("segment")
-    if launch_problem:
-        raise ConfigError(launch_problem)
-    problems = []
-    backbone = config.backbone
-    if backbone.pretrained is None and backbone.name is None:
-        problems.append("set backbone.pretrained (an evamim model directory or weights file) "
-                        "and/or backbone.name (a preset)")
-    elif backbone.pretrained is not None and not Path(backbone.pretrained).exists():
-        problems.append(f"backbone.pretrained {backbone.pretrained} does not exist: give the pre-trained weights")
-    for key in TASK_OWNED_OPTIONS:
-        if key in backbone.options:
-            hint = ": use drop_path_rate" if key == "drop_path_rate" else ""
-            problems.append(f"backbone.options.{key} is set by this task{hint}")
-    img_size = backbone.options.get("img_size")
-    if img_size is not None and img_size != config.data.crop_size:
-        problems.append(f"backbone.options.img_size={img_size} but data.crop_size={config.data.crop_size}: the "
-                        "backbone is built at the crop size; make them equal")
+    problems = model_problems(config.model, TASK_OWNED_OPTIONS)
     if not config.data.root:
         problems.append("data.root is empty: point it at the dataset (images/<split>, annotations/<split>)")
     problems += _head_problems(config.head)
-    if config.freeze_backbone and config.drop_path_rate:
-        problems.append(f"freeze_backbone=true needs drop_path_rate=0 (got {config.drop_path_rate}): a frozen backbone "
-                        "should compute the same features in training and evaluation")
-    if config.batch_size < 1 or config.batch_size % max(config.loop.grad_accum_steps, 1):
-        problems.append(f"batch_size {config.batch_size} must be >= 1 and divisible by loop.grad_accum_steps "
-                        f"{config.loop.grad_accum_steps}")
+    if config.freeze_backbone and config.model.drop_path_rate:
+        problems.append(f"freeze_backbone=true needs model.drop_path_rate=0 (got {config.model.drop_path_rate}): a "
+                        "frozen backbone should compute the same features in training and evaluation")
+    if config.distributed.strategy == "fsdp":
+        problems.append("distributed.strategy=fsdp is not available for segment: the sliding-window evaluation "
+                        "runs a different number of forwards per image and process; use ddp or zero1")
     stride = config.eval.stride
     if stride is not None and not 1 <= stride <= config.data.crop_size:
         problems.append(f"eval.stride must be in [1, data.crop_size={config.data.crop_size}], got {stride}")
     if config.eval.windows_per_batch < 1:
         problems.append(f"eval.windows_per_batch must be >= 1, got {config.eval.windows_per_batch}")
+    if config.val_data.limit is not None and config.val_data.limit < 1:
+        problems.append(f"val_data.limit must be >= 1 or null, got {config.val_data.limit}")
     if not problems:
         problem = _check_backbone_config(config)
         if problem:
@@ -214,7 +211,7 @@ def build_segmenter(config: SegmentConfig) -> nn.Module:
     """Backbone (pre-trained, at the crop size) + head, as a ``Segmenter``; the backbone frozen on request."""
     from evamim.models.seg_heads import Segmenter
 
-    backbone = load_backbone(config.backbone, **backbone_overrides(config))
+    backbone = load_backbone(config.model, **backbone_overrides(config))
     head = config.head
     model = Segmenter(backbone, config.data.num_classes, kind=head.kind, indices=head.indices, channels=head.channels,
                       pool_scales=tuple(head.pool_scales), dropout=head.dropout)
@@ -223,195 +220,102 @@ def build_segmenter(config: SegmentConfig) -> nn.Module:
     return model
 
 
-# -------------------------------------------------------------------------------------------- training
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-pixel cross entropy averaged over the labelled pixels, in fp32.
-
-    logits (B, K, H, W); labels (B, H, W) long with 255 = ignore. A batch without labelled pixels gives 0
-    (with a graph), not NaN.
-    """
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+# ---------------------------------------------------------------------------------------------- the task
+def val_data_config(config: SegmentConfig) -> SegDataConfig:
+    """``data`` pointed at the validation split."""
+    val = config.val_data
+    return dataclasses.replace(config.data, root=val.path or config.data.root, val_split=val.split,
+                               val_limit=val.limit)
 
 
-class SegmentationStep:
-    """The objective as the loop sees it: ``(model, batch) -> {"loss", "pixel_acc"}`` on crops and their labels."""
+class SegmentTask:
+    """Segmentation for the runner: the segmenter is trained and wrapped; BatchNorm spans the processes."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    name = "segment"
 
-    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = batch["images"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        logits = model(images)
-        valid = labels != IGNORE_INDEX
-        correct = ((logits.argmax(1) == labels) & valid).sum()
-        return {"loss": segmentation_loss(logits, labels),
-                "pixel_acc": 100.0 * correct.float() / valid.sum().clamp(min=1)}
+    def validate(self, config: SegmentConfig) -> None:
+        validate(config)
 
+    def build(self, config: SegmentConfig, context: RunContext) -> TrainingParts:
+        from evamim.data.segmentation import build_seg_loader
+        from evamim.engine.sync_batchnorm import convert_batchnorm
+        from evamim.models.seg_heads import save_segmenter
 
-# ------------------------------------------------------------------------------------------ evaluation
-class ConfusionMatrix:
-    """Pixel counts of (label, prediction) pairs: a (K, K) int64 matrix, rows = label, columns = prediction.
+        shares = dict(rank=context.rank, world_size=context.world_size)
+        try:
+            loader = build_seg_loader(config.data, "train", context.batch_size, **shares)
+            val_loader = build_seg_loader(val_data_config(config), "eval", **shares) if config.eval.enabled else None
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"data: {error}") from None
+        model = build_segmenter(config).to(context.device)
+        if context.world_size > 1:
+            model = convert_batchnorm(model, context.device)
+        logger.info("segmenter (%s head), %d classes, %d px crops", config.head.kind, config.data.num_classes,
+                    config.data.crop_size)
+        evaluation = None
+        if val_loader is not None:
+            stride = config.eval.stride or max(1, config.data.crop_size * 2 // 3)
+            evaluation = SegEvaluation(val_loader, context.device, config.data.num_classes, model.window, stride,
+                                       config.eval.windows_per_batch)
+        self.model, self.evaluation = model, evaluation
+        return TrainingParts(
+            model=model,
+            step=SegmentationStep(context.device),
+            data=loader,
+            sync_buffers=True,  # BatchNorm running statistics: the same on every process
+            evaluation=evaluation,
+            export=lambda full, out: {"model_dir": str(save_segmenter(full, out / "model"))},
+        )
 
-    Pixels labelled 255 are skipped whatever their prediction. See ``IOU_CONVENTION`` for how absent classes
-    are treated.
-    """
-
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
-        self.num_classes = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-
-    def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
-        """prediction and label: integer tensors of the same shape; label 255 = ignore."""
-        if prediction.shape != label.shape:
-            raise ValueError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} differ in shape")
-        valid = label != IGNORE_INDEX
-        label, prediction = label[valid].long(), prediction[valid].long().to(label.device)
-        k = self.num_classes
-        if label.numel() and (label.min() < 0 or label.max() >= k):
-            raise ValueError(f"labels must be in [0, {k}) or {IGNORE_INDEX}; found {int(label.min())}..{int(label.max())}")
-        if prediction.numel() and (prediction.min() < 0 or prediction.max() >= k):
-            raise ValueError(f"predictions must be in [0, {k}); found {int(prediction.min())}..{int(prediction.max())}")
-        counts = torch.bincount(label * k + prediction, minlength=k * k).reshape(k, k)
-        self.matrix += counts.to(self.matrix.device)
-
-    def iou(self) -> torch.Tensor:
-        """(K,) float64 IoU per class in [0, 1]; NaN for a class in neither the labels nor the predictions."""
-        matrix = self.matrix.double()
-        intersection = matrix.diagonal()
-        union = matrix.sum(0) + matrix.sum(1) - intersection
-        return intersection / union  # 0 / 0 = NaN for absent classes
-
-    def class_accuracy(self) -> torch.Tensor:
-        """(K,) float64 recall per class (correct / labelled pixels); NaN for a class never labelled."""
-        matrix = self.matrix.double()
-        return matrix.diagonal() / matrix.sum(1)
-
-    def summary(self) -> dict[str, float]:
-        """``mIoU`` (nanmean of IoU), ``mAcc`` (nanmean of class accuracy), ``aAcc`` (pixel accuracy), in percent."""
-        total = self.matrix.sum()
-        return {
-            "mIoU": 100.0 * float(self.iou().nanmean()),
-            "mAcc": 100.0 * float(self.class_accuracy().nanmean()),
-            "aAcc": 100.0 * float(self.matrix.diagonal().sum().double() / total) if total else float("nan"),
-        }
+    def results(self, config: SegmentConfig, result: Any, parts: TrainingParts) -> dict[str, Any]:
+        results = {"head": config.head.kind, "indices": self.model.indices, "num_classes": config.data.num_classes,
+                   "crop_size": config.data.crop_size}
+        if self.evaluation is not None and self.evaluation.last is not None:
+            matrix = self.evaluation.last
+            results.update({**matrix.summary(), "per_class_iou": nan_to_none(matrix.iou()),
+                            "per_class_acc": nan_to_none(matrix.class_accuracy()), "iou_convention": IOU_CONVENTION})
+        return results
 
 
-class SegEval:
-    """The loop's ``eval_fn``: sliding-window logits on each validation image (resized to the label's size),
-    argmax, confusion matrix. Keeps the last matrix in ``self.last`` for the per-class results."""
-
-    def __init__(self, loader, device: torch.device, num_classes: int, window: tuple[int, int], stride: int,
-                 windows_per_batch: int):
-        self.loader = loader
-        self.device = device
-        self.num_classes = num_classes
-        self.window = window
-        self.stride = stride
-        self.windows_per_batch = windows_per_batch
-        self.last: ConfusionMatrix | None = None
-
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        from evamim.models.seg_heads import slide_inference
-
-        matrix = ConfusionMatrix(self.num_classes, self.device)
-        for batch in self.loader:
-            images = batch["images"].to(self.device, non_blocking=True)
-            labels = batch["labels"].to(self.device, non_blocking=True)
-            logits = slide_inference(model, images, self.num_classes, self.window, self.stride, self.windows_per_batch)
-            if logits.shape[-2:] != labels.shape[-2:]:
-                logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            matrix.update(logits.argmax(1), labels)
-        if not int(matrix.matrix.sum()):
-            raise RuntimeError("the validation data has no labelled pixels to score")
-        self.last = matrix
-        return matrix.summary()
-
-
-def _nan_to_none(values: torch.Tensor) -> list[float | None]:
-    return [None if math.isnan(v) else 100.0 * v for v in values.tolist()]
-
-
-# --------------------------------------------------------------------------------------------- the run
 def run_segmentation(config: SegmentConfig, hooks: tuple = ()) -> dict[str, Any]:
     """Train and evaluate a segmenter, writing the output directory (see the module docstring); returns the
-    results dict. Re-running with the same output_dir resumes from the newest checkpoint."""
-    from evamim.data.segmentation import build_seg_loader
-    from evamim.models.seg_heads import save_segmenter
+    summary. Re-running with the same output_dir resumes from the newest checkpoint."""
+    return run_training(SegmentTask(), config, hooks)
+
+
+def dry_run(config: SegmentConfig) -> str:
+    """``evamim segment --dry-run``: the plan, with the segmenter built on the meta device."""
+    from evamim.models.seg_heads import Segmenter
+    from evamim.models.vit import EvaViT
+    from evamim.tasks.plan import describe_run
 
     validate(config)
+    from evamim.models.checkpoint import read_config
+    from evamim.models.presets import model_config
+    from evamim.models.vit import EvaViTConfig
+
+    overrides = {**config.model.options, **backbone_overrides(config)}
+    vit = (model_config(config.model.name, **overrides) if config.model.name is not None
+           else EvaViTConfig.from_dict({**read_config(config.model.pretrained).to_dict(), **overrides}))
+    head = config.head
+    with torch.device("meta"):
+        model = Segmenter(EvaViT(vit), config.data.num_classes, kind=head.kind, indices=head.indices,
+                          channels=head.channels, pool_scales=tuple(head.pool_scales), dropout=head.dropout)
+    if config.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    lines = [f"segmenter: {head.kind} head on blocks {model.indices}, {config.data.num_classes} classes, "
+             f"{config.data.crop_size} px crops ({vit.grid_size[0]}x{vit.grid_size[1]} patches)",
+             f"validation: {(config.val_data.path or config.data.root) + '/' + config.val_data.split if config.eval.enabled else 'off'}"]
+    return describe_run(config, {"segmenter": model}, lines, dataset_size=_train_images(config))
+
+
+def _train_images(config: SegmentConfig) -> int | None:
     try:
-        device = resolve_device(config.device)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    torch.manual_seed(config.seed)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.yaml")
+        from evamim.data.segmentation import ade20k_pairs
 
-    try:
-        train_loader = build_seg_loader(config.data, "train", config.batch_size)
-        eval_loader = build_seg_loader(config.data, "eval") if config.eval.enabled else None
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"data: {error}") from None
-    model = build_segmenter(config).to(device)
-    logger.info("segmenter (%s head) with %.1fM parameters (%.1fM trainable), %d classes, %d px crops",
-                config.head.kind, sum(p.numel() for p in model.parameters()) / 1e6,
-                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, config.data.num_classes,
-                config.data.crop_size)
-    evaluator = None
-    if eval_loader is not None:
-        stride = config.eval.stride or max(1, config.data.crop_size * 2 // 3)
-        evaluator = SegEval(eval_loader, device, config.data.num_classes, model.window, stride,
-                            config.eval.windows_per_batch)
-    trainer = Trainer(
-        model,
-        SegmentationStep(device),
-        train_loader,
-        build_optimizer(model, config.optim),
-        optim=config.optim,
-        loop=config.loop,
-        checkpoint=config.checkpoint,
-        out_dir=output_dir,
-        hooks=list(hooks),
-        eval_fn=evaluator,
-        config=to_dict(config),
-    )
-    result = trainer.train()
-    model_dir = save_segmenter(model, output_dir / "model")
-    results = {
-        "task": "segment",
-        "steps": result.step,
-        "head": config.head.kind,
-        "indices": model.indices,
-        "num_classes": config.data.num_classes,
-        "crop_size": config.data.crop_size,
-        "train_loss": result.metrics.get("loss"),
-        "nonfinite_skipped": result.nonfinite_skipped,
-        "data": result.data_totals,
-        "model_dir": str(model_dir),
-    }
-    if evaluator is not None:
-        results.update(final_scores(model, evaluator, config.loop.precision, device))
-    write_results(output_dir, config, results)
-    return results
-
-
-def final_scores(model: nn.Module, evaluator: SegEval, precision: str, device: torch.device) -> dict[str, Any]:
-    """mIoU / mAcc / aAcc and per-class IoU / accuracy of the loop's last evaluation, or of a new one when the
-    loop had nothing to do (a finished run that was re-run)."""
-    if evaluator.last is None:
-        model.eval()
-        with torch.no_grad(), Precision(precision, device.type).autocast():
-            evaluator(model)
-    matrix = evaluator.last
-    return {
-        **matrix.summary(),
-        "per_class_iou": _nan_to_none(matrix.iou()),
-        "per_class_acc": _nan_to_none(matrix.class_accuracy()),
-        "iou_convention": IOU_CONVENTION,
-    }
+        return len(ade20k_pairs(config.data.root, config.data.train_split))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
 
 
 def results_table(results: Mapping[str, Any]) -> str:
@@ -427,22 +331,24 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "configs/segment/eva_b16_ade20k_upernet.yaml",
-                         "backbone.pretrained=runs/pretrain/model data.root=/data/ADEChallengeData2016")
+    add_config_arguments(parser, "eva_b16_ade20k_upernet",
+                         "model.pretrained=runs/pretrain/model data.root=/data/ADEChallengeData2016")
 
 
 def run(args: argparse.Namespace) -> int:
-    code, config, results, _ = run_config_command("segment", SegmentConfig, run_segmentation, args)
-    if code == 0:
-        print(f"results: {Path(config.output_dir) / 'results.json'}")
-        print(results_table(results))
+    code, config, summary, rank = run_config_command("segment", SegmentConfig, run_segmentation, args,
+                                                     dry_run_fn=dry_run)
+    if code == 0 and rank == 0:
+        print(f"summary: {Path(config.output_dir) / 'summary.json'}")
+        print(results_table(summary))
     return code
 
 
 __all__ = [
     "ConfusionMatrix",
     "IOU_CONVENTION",
-    "SegEval",
+    "SegEvaluation",
+    "SegValidationData",
     "SegEvalSection",
     "SegHeadSection",
     "SegmentConfig",
