@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import struct
 import zlib
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 import evamim  # noqa: F401  (makes torchvision importable before skimage/timm pull it in)
+from evamim.engine.batching import infer_batch_size
 
 
 def real_photos(max_side: int = 96) -> dict[str, np.ndarray]:
@@ -79,15 +82,62 @@ class RandomPatchMask:
         return torch.from_numpy(masks)
 
 
+class FailureLines(logging.Handler):
+    """Collects the ``path: reason`` lines the loader logs for the samples it skipped (first time and again)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("skipped bad sample") and record.args:
+            self.lines.append(str(record.args[0]))
+
+
+@contextlib.contextmanager
+def failure_lines():
+    """``with failure_lines() as lines:`` -- the loader's failure lines logged inside the block."""
+    logger = logging.getLogger("evamim.data")
+    handler, level = FailureLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def collect(loader) -> dict[str, list]:
-    """Iterate one epoch of ``loader``; concatenate every batch key over batches."""
-    out: dict[str, list] = {}
-    for batch in loader:
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor):
+    """Iterate one epoch of ``loader``; concatenate every batch key over batches.
+
+    Every entry of every batch must be per-sample (the loader keeps its bookkeeping to itself); the
+    failures the loader logged meanwhile are under ``"failures"`` (one ``path: reason`` line each).
+    """
+    out: dict[str, list] = {"failures": []}
+    with failure_lines() as failures:
+        for batch in loader:
+            assert "failures" not in batch
+            size = infer_batch_size(batch)  # refuses an entry whose length is not the batch size
+            for key, value in batch.items():
+                assert isinstance(value, (torch.Tensor, list)) and len(value) == size, key
                 out.setdefault(key, []).extend(list(value))
-            elif isinstance(value, list):
-                out.setdefault(key, []).extend(value)
-            else:
-                out.setdefault(key, []).append(value)
+    out["failures"] = list(failures)
     return out
+
+
+def write_seg_folder(root: Path, train: int = 8, val: int = 3, size: int = 24, seed: int = 0) -> Path:
+    """A tiny ADE20K-layout dataset (images/<split>/*.jpg, annotations/<split>/*.png): a bright square (class 1)
+    on a dark background (class 0), stored as-is (no reduce_zero_label). Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("training", train), ("validation", val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(count):
+            label = np.zeros((size, size), np.uint8)
+            y, x = rng.integers(0, size // 2, 2).tolist()
+            label[y : y + size // 3, x : x + size // 3] = 1
+            pixels = np.where(label[..., None] == 1, 220, 30).astype(np.uint8).repeat(3, axis=2)
+            Image.fromarray(pixels).save(root / "images" / split / f"{split}_{i:03d}.jpg", quality=95)
+            Image.fromarray(label).save(root / "annotations" / split / f"{split}_{i:03d}.png")
+    return root

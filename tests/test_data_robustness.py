@@ -142,7 +142,7 @@ def test_a_transform_error_in_a_folder_is_skipped_and_counted_naming_the_file_an
     loader = _loader(_cfg(source="folder", path=str(tmp_path / "images")), transform=FailOnRed())
     seen = collect(loader)
     assert len(seen["indices"]) == 4  # the red one replaced by the next image
-    [line] = seen["bad_samples"]
+    [line] = seen["failures"]
     assert line.startswith(f"{red}: transform failed: ValueError: boom on a red image")
     assert "in __call__" in line  # where it was raised
     assert loader.monitor.summary()["bad"] == 1
@@ -153,7 +153,7 @@ def test_a_transform_error_in_a_shard_is_skipped_and_counted_naming_the_sample_a
     shards = _loader(_cfg(source="shards", path=str(tmp_path / "s.tar")), transform=FailOnRed())
     seen = collect(shards)
     assert seen["keys"] == ["a", "c"]
-    [line] = seen["bad_samples"]
+    [line] = seen["failures"]
     assert line.startswith(f"{tmp_path / 's.tar'}:b: transform failed: ValueError: boom on a red image")
 
 
@@ -212,7 +212,7 @@ def test_a_symlink_loop_is_a_counted_bad_sample_not_a_traceback(tmp_path, capsys
     loader = _loader(_cfg(source="folder", path=str(root), labels=True))
     seen = collect(loader)
     assert sorted(seen["labels"]) == [0, 0, 0, 1]  # x.png stands in for the two bad links
-    bad = seen["bad_samples"]
+    bad = seen["failures"]
     assert len(bad) == 2 and all("Too many levels of symbolic links" in line for line in bad)
     assert {line.split(": ")[0] for line in bad} == {str(root / "cat" / "l1.jpg"), str(root / "cat" / "l2.jpg")}
 

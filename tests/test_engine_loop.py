@@ -112,16 +112,6 @@ def test_split_batch_structures():
         infer_batch_size((torch.zeros(4), torch.zeros(5)))
 
 
-def test_per_batch_bookkeeping_lists_are_shared_not_split():
-    """A loader's list of failed files (any length) rides along with the batch without breaking accumulation."""
-    batch = {"images": torch.zeros(4, 3), "keys": ["a", "b", "c", "d"], "bad_samples": ["x.jpg: truncated"],
-             "num_bad": 1}
-    assert infer_batch_size(batch) == 4
-    first, second = split_batch(batch, 2)
-    assert first["keys"] == ["a", "b"] and second["keys"] == ["c", "d"]
-    assert first["bad_samples"] == second["bad_samples"] == ["x.jpg: truncated"]
-
-
 # ------------------------------------------------------------------------------------- precision
 
 

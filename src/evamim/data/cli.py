@@ -7,6 +7,10 @@ import json
 import logging
 import sys
 
+from evamim.flags import int_at_least, int_in_range
+
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
@@ -17,17 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Write WebDataset tar shards from an image folder (ImageFolder layout or flat) or a list "
         "file (`path` or `path label` per line). Bad images are skipped and reported.",
     )
-    make.add_argument("src", help="image folder or list file")
-    make.add_argument("out", help="output folder (created if missing); nothing is written outside it")
-    make.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    make.add_argument("--max-side", type=int, default=None, help="resize so the longer side is at most this (re-encodes)")
-    make.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
+    make.add_argument("src", metavar="SOURCE", help="image folder or list file")
+    make.add_argument("out", metavar="OUTPUT", help="output folder (created if missing); nothing is written outside it")
+    make.add_argument("--shard-size", type=int_at_least(1), default=1000, help="samples per shard (default 1000)")
+    make.add_argument("--max-side", type=int_at_least(1), default=None,
+                      help="resize so the longer side is at most this (re-encodes)")
+    make.add_argument("--quality", type=int_in_range(1, 100), default=95, help="JPEG quality when re-encoding (default 95)")
     make.add_argument("--labels", action="store_true", help="store class labels (cls): class folders or `path label` lines")
     make.add_argument("--prefix", default="shard", help="shard file name prefix (default shard -> shard-000000.tar)")
     make.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep sorted order (default: seeded shuffle)")
-    make.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default 0)")
-    make.add_argument("--workers", type=int, default=1, help="processes decoding and re-encoding (default 1)")
-    make.add_argument("--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (bomb guard)")
+    make.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the shuffled order (default 0)")
+    make.add_argument("--workers", type=int_at_least(1), default=1, help="processes decoding and re-encoding (default 1)")
+    make.add_argument("--max-image-pixels", type=int_at_least(1), default=MAX_IMAGE_PIXELS,
+                      help=f"refuse larger images (bomb guard; default {MAX_IMAGE_PIXELS})")
     make.add_argument("--overwrite", action="store_true", help="replace existing <prefix>-*.tar shards in OUT")
 
     inspect = commands.add_parser(
@@ -36,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="Describe an image folder, a list file or shards (a .tar, a folder of them, a brace pattern "
         "or URL): sample count, a few samples' sizes, and which samples fail to decode.",
     )
-    inspect.add_argument("path", help="folder, list file, shard file, shard folder or pattern")
-    inspect.add_argument("--limit", type=int, default=1000, help="samples to check (default 1000; 0 = all)")
-    inspect.add_argument("--show", type=int, default=5, help="samples to describe (default 5)")
-    inspect.add_argument("--max-image-pixels", type=int, default=89_478_485, help="refuse larger images (bomb guard)")
+    inspect.add_argument("path", metavar="SOURCE", help="folder, list file, shard file, shard folder or pattern")
+    inspect.add_argument("--limit", type=int_at_least(0), default=1000, help="samples to check (default 1000; 0 = all)")
+    inspect.add_argument("--show", type=int_at_least(0), default=5, help="samples to describe (default 5)")
+    inspect.add_argument("--max-image-pixels", type=int_at_least(1), default=MAX_IMAGE_PIXELS,
+                         help=f"refuse larger images (bomb guard; default {MAX_IMAGE_PIXELS})")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

@@ -126,8 +126,12 @@ class DataConfig:
     ``resample`` draws shards with replacement forever and needs ``samples_per_epoch``."""
 
     samples_per_epoch: int | None = None
-    """Shards: samples per epoch per rank. Required with ``resample``; with ``split`` it only sets
-    ``len(loader)`` for progress bars and schedules."""
+    """Shards: the samples of one epoch over all ranks together (the dataset's size, not a rank's).
+    Each rank takes ``samples_per_epoch // world_size`` (rounded down, the same on every rank, so all
+    ranks take the same number of steps). ``resample``: the epoch's length. ``split``: a cap on each
+    rank's epoch, which also sets ``len(loader)``. Unset: the count in the ``shard-info.json`` that
+    ``evamim data make-shards`` writes next to the shards, when it lists every shard, sets
+    ``len(loader)`` (and the ``resample`` epoch) without capping anything."""
 
     max_bad_fraction: float = 0.01
     """Stop with an error when more than this fraction of the recent samples failed to load."""
@@ -207,8 +211,8 @@ class DataConfig:
             raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.shard_sampling == "resample" and not self.samples_per_epoch:
-            raise ValueError("data.shard_sampling=resample needs data.samples_per_epoch (samples per rank)")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"data.samples_per_epoch must be >= 1 (all ranks together) or null, got {self.samples_per_epoch}")
         for name in ("num_workers", "shuffle_buffer", "bad_window", "bad_min_samples", "max_consecutive_bad"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")

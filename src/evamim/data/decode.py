@@ -131,6 +131,19 @@ def decode_image_and_format(
     return image, file_format, (width, height)
 
 
+def load_untrusted(source: str | os.PathLike | bytes, *, max_pixels: int) -> Image.Image:
+    """A path or encoded bytes as a fully loaded PIL image in its stored mode (no conversion: a
+    segmentation label keeps its class indices). Raises ``BadSample`` like ``decode_image``."""
+    with _untrusted_bytes():
+        raw = source if isinstance(source, bytes) else _read(source)
+        if not raw:
+            raise BadSample("empty file (0 bytes)")
+        with _pixel_limit(max_pixels):
+            image = Image.open(io.BytesIO(raw))
+            image.load()
+    return image
+
+
 @contextlib.contextmanager
 def _untrusted_bytes() -> Iterator[None]:
     """Turn every failure of reading or parsing a file into ``BadSample`` with a one-line reason."""

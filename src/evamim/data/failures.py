@@ -1,8 +1,9 @@
 """Counting bad samples across workers and stopping a run when too many fail.
 
-Workers skip a bad sample and report it inside the next batch (``num_bad`` plus the
-``path: reason`` lines); the main process feeds each batch to ``BadSampleMonitor``, which logs
-every failure and raises ``TooManyBadSamples`` when the recent failure fraction is too high.
+Workers skip a bad sample and report its ``path: reason`` line next to the next batch (never inside
+it: see ``evamim.data.collate.LoaderCollate``); the loader feeds each batch's count and failures to
+``BadSampleMonitor``, which logs every failure and raises ``TooManyBadSamples`` when the recent
+failure fraction is too high.
 """
 
 from __future__ import annotations

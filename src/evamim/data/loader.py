@@ -14,10 +14,17 @@ iteration continues where it stopped. ``state_dict()`` counts the batches handed
 Resume guarantees: map-style sources resume exactly (the rest of the epoch, each sample once, the
 same crops and masks); shards resume at shard granularity (see ``evamim.data.shards``).
 
-Bad samples: every failure reaches the training process inside a batch and is counted, also those of
-a partial last batch that ``drop_last`` discards. ``bad_sample_totals()`` gives this process's totals
-since the run started (they are part of the state, so they survive a resume). An epoch in which
-every sample failed stops with ``TooManyBadSamples`` naming the failures.
+Any dataset works that yields sample dicts: a map-style one indexed by ``(epoch, index)`` (the
+images' ``MapDataset``, ``evamim.data.segmentation.SegmentationDataset``) or a ``ShardDataset``; the
+``collate_fn`` stacks a list of samples into a batch (``Collator`` for images).
+
+Bad samples: a dataset reports failures inside its items (``"bad"``: ``path: reason`` lines, see
+``evamim.data.collate.BOOKKEEPING``). The loader takes them out in the workers, so a batch holds
+samples only (every entry is per-sample), and counts and logs them in the training process, also
+those of a partial last batch that ``drop_last`` discards. ``bad_sample_totals()`` gives this
+process's totals since the run started (they are part of the state, so they survive a resume); too
+many recent failures stop the run with ``TooManyBadSamples`` (``BadSampleMonitor``), and so does an
+epoch in which every sample failed, naming the failures.
 """
 
 from __future__ import annotations
@@ -26,12 +33,11 @@ import logging
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
-from evamim.data.collate import Collator, MaskGenerator
+from evamim.data.collate import BatchInfo, Collator, LoaderCollate, MaskGenerator
 from evamim.data.config import DataConfig
 from evamim.data.failures import BadSampleMonitor, TooManyBadSamples
-from evamim.data.mapstyle import MapDataset
 from evamim.data.sampler import ResumableDistributedSampler
 from evamim.data.shards import ShardDataset
 from evamim.data.sources import build_dataset
@@ -53,15 +59,21 @@ def distributed_rank_world() -> tuple[int, int]:
 
 
 class Loader:
-    """Iterable over batch dicts (see ``evamim.data.collate``), resumable, with failure checks."""
+    """Iterable over the batches ``collate_fn`` makes of ``dataset``'s samples; resumable, with failure checks.
+
+    Args:
+        dataset: map-style (``len`` and ``dataset[(epoch, index)]`` -> sample dict) or a ``ShardDataset``.
+        collate_fn: ``list of sample dicts -> batch``; never called with an empty list.
+        monitor: judges the failure fraction; default: ``DataConfig``'s limits.
+    """
 
     def __init__(
         self,
-        dataset: MapDataset | ShardDataset,
+        dataset: Any,
         *,
         batch_size: int,
-        collator: Collator,
-        monitor: BadSampleMonitor,
+        collate_fn: Any,
+        monitor: BadSampleMonitor | None = None,
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
@@ -76,6 +88,13 @@ class Loader:
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(dataset, IterableDataset) and not isinstance(dataset, ShardDataset):
+            raise TypeError(
+                f"Loader cannot resume an iterable {type(dataset).__name__}: give it a map-style dataset "
+                "(len() and dataset[(epoch, index)]) or a ShardDataset"
+            )
+        if monitor is None:
+            monitor = BadSampleMonitor(DataConfig.max_bad_fraction, DataConfig.bad_window, DataConfig.bad_min_samples)
         self.dataset = dataset
         self.batch_size = batch_size
         self.monitor = monitor
@@ -83,7 +102,7 @@ class Loader:
         self.world_size = world_size
         self.drop_last = drop_last
         self.num_workers = num_workers
-        self.is_map_style = isinstance(dataset, MapDataset)
+        self.is_map_style = not isinstance(dataset, ShardDataset)
         self._epoch = 0
         self._position = 0  # map-style: global samples consumed in this epoch (all ranks)
         self._consumed = 0  # shards: samples this rank consumed in this epoch
@@ -98,7 +117,7 @@ class Loader:
         workers = dict(
             generator=self._generator,
             num_workers=num_workers,
-            collate_fn=collator,
+            collate_fn=LoaderCollate(collate_fn),
             # Pinning needs an accelerator; without one torch would only warn and not pin.
             pin_memory=pin_memory and torch.cuda.is_available(),
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
@@ -139,27 +158,32 @@ class Loader:
     def __iter__(self):
         self._prepare()
         loaded, failures, shown = 0, 0, []
-        for batch in self._dataloader:
-            shards_done = batch.pop("shards_done", [])
-            items = batch.pop("num_items", self.batch_size)
-            count = int(batch["images"].shape[0])
-            self._count(count, batch["bad_samples"])
-            loaded, failures = loaded + count, failures + len(batch["bad_samples"])
-            shown.extend(batch["bad_samples"][: FAILURES_SHOWN - len(shown)])
-            if not self.is_map_style and self.dataset.sampling == "split":
-                self._shards_done.update(shards_done)
-            if not count or (self.drop_last and items < self.batch_size):
+        for batch, info in self._dataloader:
+            self._count(info)
+            loaded, failures = loaded + info.samples, failures + len(info.failures)
+            shown.extend(info.failures[: FAILURES_SHOWN - len(shown)])
+            if self.is_map_style:
+                # Every item took one position of the epoch's order, whether it became a sample or not; a
+                # batch short of failed items is still used (BatchSampler already applied drop_last).
+                self._position = min(self._position + info.items * self.world_size, self.sampler.total_size)
+            elif self.dataset.sampling == "split":
+                self._shards_done.update(info.shards_done)
+            if batch is None:  # every item failed or was a marker
                 continue
-            self._advance(count)
+            if not self.is_map_style:
+                # Only a worker's last batch is short (also when a marker fills it up to batch_size items).
+                if self.drop_last and info.samples < self.batch_size:
+                    continue
+                self._consumed += info.samples
             yield batch
         if failures and not loaded:
             raise TooManyBadSamples(_nothing_loaded_message(self._epoch, failures, shown))
         self.set_epoch(self._epoch + 1)
 
-    def _count(self, loaded: int, failures: list[str]) -> None:
-        self._samples_tried += loaded + len(failures)
-        self._samples_bad += len(failures)
-        self.monitor.update(loaded, failures)
+    def _count(self, info: BatchInfo) -> None:
+        self._samples_tried += info.samples + len(info.failures)
+        self._samples_bad += len(info.failures)
+        self.monitor.update(info.samples, info.failures)
 
     def bad_sample_totals(self) -> dict[str, int]:
         """``{"samples_tried": int, "samples_bad": int}`` of this process since the run started.
@@ -180,19 +204,17 @@ class Loader:
             self.dataset.skip_shards = frozenset(self._shards_done)
             self.dataset.consumed = self._consumed
 
-    def _advance(self, count: int) -> None:
-        if self.is_map_style:
-            self._position = min(self._position + count * self.world_size, self.sampler.total_size)
-        else:
-            self._consumed += count
-
     def __len__(self) -> int:
-        """Batches in a whole epoch for this rank (shards: needs ``samples_per_epoch``)."""
+        """Batches in a whole epoch for this rank (shards: needs ``samples_per_epoch`` or a ``shard-info.json``)."""
         if self.is_map_style:
             return self._batches(self.sampler.samples_per_epoch())
-        if not self.dataset.samples_per_epoch:
-            raise TypeError("the length of a shard loader is unknown: set data.samples_per_epoch")
-        workers, total = max(1, self.num_workers), self.dataset.samples_per_epoch
+        total = self.dataset.rank_length()
+        if total is None:
+            raise TypeError(
+                "the length of a shard loader is unknown: set data.samples_per_epoch (all ranks together), "
+                "or write the shards with `evamim data make-shards` (its shard-info.json counts them)"
+            )
+        workers = max(1, self.num_workers)
         quotas = [total // workers + (worker < total % workers) for worker in range(workers)]
         return sum(self._batches(quota) for quota in quotas)  # each worker makes its own batches
 
@@ -243,10 +265,14 @@ class Loader:
                 skip samples.
         """
         kind = "map" if self.is_map_style else "shards"
-        if state.get("format") != STATE_FORMAT or state.get("kind") != kind:
+        # Segmentation states written before it used this loader have no kind (and no shuffle): map-style.
+        saved_kind = state.get("kind", "map" if "position" in state else None)
+        if state.get("format") != STATE_FORMAT or saved_kind != kind:
             raise ValueError(f"data state {_brief(state)} is not a {kind} loader state (format {STATE_FORMAT})")
         if self.is_map_style:
-            expected = {"dataset_size": len(self.dataset), "seed": self.sampler.seed, "shuffle": self.sampler.shuffle}
+            expected = {"dataset_size": len(self.dataset), "seed": self.sampler.seed}
+            if "shuffle" in state or "kind" in state:
+                expected["shuffle"] = self.sampler.shuffle
         else:
             expected = {"num_shards": len(self.dataset.urls), "seed": self.dataset.seed}
         changed = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
@@ -281,7 +307,7 @@ def _nothing_loaded_message(epoch: int, failures: int, shown: list[str]) -> str:
     more = f"\n  ... and {failures - len(shown)} more" if failures > len(shown) else ""
     return (
         f"no sample of epoch {epoch} could be used: all {failures} failed to load. The first failures:\n  "
-        f"{lines}{more}\nFix data.path or these files (`evamim data inspect PATH` checks them)."
+        f"{lines}{more}\nCheck the data path and fix these files (`evamim data inspect PATH` checks images and shards)."
     )
 
 
@@ -329,7 +355,7 @@ def build_loader(
     return Loader(
         dataset,
         batch_size=batch_size,
-        collator=Collator(mask_generator),
+        collate_fn=Collator(mask_generator),
         monitor=BadSampleMonitor(cfg.max_bad_fraction, cfg.bad_window, cfg.bad_min_samples),
         rank=rank,
         world_size=world_size,

@@ -1,4 +1,4 @@
-"""Semantic-segmentation data in the ADE20K folder layout: pairs, joint augmentation, resumable loaders.
+"""Semantic-segmentation data in the ADE20K folder layout: pairs, labels, and the resumable loader.
 
 Layout (``SegDataConfig.root``)::
 
@@ -10,13 +10,15 @@ Label convention once loaded: an (H, W) int64 map whose values 0..K-1 are classe
 ``reduce_zero_label`` (ADE20K's convention, on by default) a stored 0 becomes 255 and a stored v in 1..K
 becomes v - 1; a stored 255 stays 255. Any other value >= K is an error naming the file.
 
-Training samples (mmsegmentation's ADE20K pipeline): random rescale keeping the aspect ratio, random
-crop (retried so that no class covers more than ``cat_max_ratio`` of it), horizontal flip, photometric
-distortion, normalisation, and padding to the crop size (image 0 = the mean colour, label 255). The
-image is resampled bilinearly, the label with nearest neighbour, with the same geometry. Each sample's
-random draws come from a generator seeded by ``(seed, epoch, index)``, so a resumed run repeats them.
-Evaluation samples: the image (optionally rescaled by ``eval_scale``) and the label at its original
-size; scoring happens at the label's size.
+Augmentation: ``evamim.data.seg_transforms``. Each sample's random draws come from a generator seeded
+by ``(seed, epoch, index)``, so a resumed run repeats them.
+
+Loading goes through the shared ``evamim.data.loader.Loader``: the same resume protocol (exact
+mid-epoch resume) and the same bad-sample accounting as images. An unreadable image or label, or an
+image whose size differs from its label's, is skipped (the batch is one smaller), logged, counted in
+``bad_sample_totals()`` and judged by the ``max_bad_fraction`` limits. A label that is readable but
+wrong for the config (colour-coded, or a value >= ``num_classes``) still stops the run: that is a
+setting to fix, not one broken file.
 """
 
 from __future__ import annotations
@@ -28,19 +30,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from evamim.data.config import CLIP_MEAN, CLIP_STD
-from evamim.data.decode import BadSample, decode_image
+from evamim.data.config import CLIP_MEAN, CLIP_STD, DataConfig
+from evamim.data.decode import BadSample, decode_image, load_untrusted
+from evamim.data.failures import BadSampleMonitor
 from evamim.data.files import is_image_name
-from evamim.data.sampler import ResumableDistributedSampler
+from evamim.data.loader import Loader
 from evamim.data.samples import AUGMENT_STREAM, sample_rng
+from evamim.data.seg_transforms import (
+    IGNORE_INDEX,
+    SegEvalTransform,
+    SegTrainTransform,
+    photometric_distortion,
+    random_crop_box,
+    rescale_size,
+)
 
-
-IGNORE_INDEX = 255
 LABEL_MODES = ("L", "P", "I", "I;16")
-STATE_FORMAT = 1
+MAX_IMAGE_PIXELS = 89_478_485
+
+SegLoader = Loader
+"""The segmentation loader is the shared resumable ``Loader`` (kept under this name for callers)."""
 
 
 @dataclass
@@ -83,8 +94,14 @@ class SegDataConfig:
     """Seed of the epoch order and of every sample's augmentation."""
     val_limit: int | None = None
     """Evaluate on the first N validation images only (quick checks); None = all."""
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     """Refuse images with more pixels than this (decompression-bomb guard, PIL's default)."""
+    max_bad_fraction: float = DataConfig.max_bad_fraction
+    """Stop with an error when more than this fraction of the recent samples failed to load."""
+    bad_window: int = DataConfig.bad_window
+    """The failure fraction is measured over roughly this many most recent samples."""
+    bad_min_samples: int = DataConfig.bad_min_samples
+    """Do not judge the failure fraction before this many samples were tried in the window."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +130,11 @@ class SegDataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.val_limit is not None and self.val_limit < 1:
             raise ValueError(f"data.val_limit must be >= 1 or null, got {self.val_limit}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.bad_window < 0 or self.bad_min_samples < 0:
+            raise ValueError(f"data.bad_window and data.bad_min_samples must be >= 0, got {self.bad_window}, "
+                             f"{self.bad_min_samples}")
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -142,15 +164,21 @@ def ade20k_pairs(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]
     return pairs
 
 
-def load_label(path: str | os.PathLike, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
-    """(H, W) int64 label map of a single-channel PNG, in the convention of the module docstring."""
-    with Image.open(path) as image:
-        if image.mode not in LABEL_MODES:
-            raise ValueError(
-                f"label {path} has PNG mode {image.mode}; labels must be single-channel class indices "
-                f"(mode {', '.join(LABEL_MODES)}), not colour-coded"
-            )
-        label = np.asarray(image).astype(np.int64)
+def load_label(path: str | os.PathLike, num_classes: int, reduce_zero_label: bool, *,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """(H, W) int64 label map of a single-channel PNG, in the convention of the module docstring.
+
+    Raises:
+        BadSample: the file cannot be read (missing, empty, truncated, not an image, too large).
+        ValueError: the label is colour-coded or holds a value >= ``num_classes`` (a setting to fix).
+    """
+    image = load_untrusted(path, max_pixels=max_pixels)
+    if image.mode not in LABEL_MODES:
+        raise ValueError(
+            f"label {path} has PNG mode {image.mode}; labels must be single-channel class indices "
+            f"(mode {', '.join(LABEL_MODES)}), not colour-coded"
+        )
+    label = np.asarray(image).astype(np.int64)
     if reduce_zero_label:
         reduced = label - 1
         reduced[(label == 0) | (label == IGNORE_INDEX)] = IGNORE_INDEX
@@ -164,118 +192,13 @@ def load_label(path: str | os.PathLike, num_classes: int, reduce_zero_label: boo
     return label
 
 
-# -------------------------------------------------------------------------------------------- transforms
-def rescale_size(width: int, height: int, scale: tuple[int, int], ratio: float = 1.0) -> tuple[int, int]:
-    """(width, height) resized keeping the aspect ratio so that long <= scale[0] * ratio and
-    short <= scale[1] * ratio, with at least one of them reached (mmseg's keep_ratio rescale)."""
-    long_target, short_target = max(scale) * ratio, min(scale) * ratio
-    factor = min(long_target / max(width, height), short_target / min(width, height))
-    return max(1, int(width * factor + 0.5)), max(1, int(height * factor + 0.5))
-
-
-def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion on an (H, W, 3) uint8 RGB array -> uint8: brightness +-32, contrast
-    x[0.5, 1.5] (before or after the colour changes), saturation x[0.5, 1.5], hue +-18 degrees; each p = 0.5."""
-    pixels = image.astype(np.float32)
-    if rng.random() < 0.5:
-        pixels = pixels + rng.uniform(-32, 32)
-    contrast_first = rng.random() < 0.5
-
-    def contrast(values: np.ndarray) -> np.ndarray:
-        return values * rng.uniform(0.5, 1.5) if rng.random() < 0.5 else values
-
-    if contrast_first:
-        pixels = contrast(pixels)
-    saturate, shift_hue = rng.random() < 0.5, rng.random() < 0.5
-    if saturate or shift_hue:
-        hsv = np.asarray(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert("HSV")).astype(np.float32)
-        if saturate:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
-        if shift_hue:
-            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 256 / 360) % 256  # PIL's hue is 0..255
-        pixels = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
-    if not contrast_first:
-        pixels = contrast(pixels)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
-
-
-def _normalize(image: np.ndarray, mean, std) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with mean/std given for [0, 1] pixels."""
-    tensor = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)  # a writable copy
-    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-
-def random_crop_box(label: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float) -> tuple[int, int]:
-    """Top-left (y, x) of a crop of up to ``crop`` x ``crop``; redrawn up to 10 times while one class
-    covers more than ``cat_max_ratio`` of the crop's labelled pixels (mmseg's RandomCrop)."""
-    height, width = label.shape
-    for _ in range(10):
-        y = int(rng.integers(0, max(height - crop, 0) + 1))
-        x = int(rng.integers(0, max(width - crop, 0) + 1))
-        if cat_max_ratio >= 1.0:
-            break
-        window = label[y : y + crop, x : x + crop]
-        counts = np.bincount(window[window != IGNORE_INDEX].ravel())
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-            break
-    return y, x
-
-
-class SegTrainTransform:
-    """(RGB image, (H, W) int64 label, rng) -> (image (3, c, c) float32, label (c, c) int64), c = crop size."""
-
-    def __init__(self, cfg: SegDataConfig):
-        self.crop = cfg.crop_size
-        self.scale = tuple(cfg.train_scale)
-        self.ratio_range = tuple(cfg.ratio_range)
-        self.cat_max_ratio = cfg.cat_max_ratio
-        self.hflip = cfg.hflip
-        self.photometric = cfg.photometric
-        self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
-
-    def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
-        size = rescale_size(*image.size, self.scale, rng.uniform(*self.ratio_range))
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        # Labels fit in 8 bits (0..K-1 and 255), so PIL can resize them with nearest neighbour.
-        label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.Resampling.NEAREST))
-        pixels = np.asarray(image)
-        y, x = random_crop_box(label, self.crop, rng, self.cat_max_ratio)
-        pixels, label = pixels[y : y + self.crop, x : x + self.crop], label[y : y + self.crop, x : x + self.crop]
-        if rng.random() < self.hflip:
-            pixels, label = pixels[:, ::-1], label[:, ::-1]
-        if self.photometric:
-            pixels = photometric_distortion(np.ascontiguousarray(pixels), rng)
-        tensor = _normalize(pixels, self.mean, self.std)
-        target = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
-        pad_h, pad_w = self.crop - tensor.shape[1], self.crop - tensor.shape[2]
-        if pad_h or pad_w:  # an image smaller than the crop: pad bottom/right, the label with "ignore"
-            tensor = torch.nn.functional.pad(tensor, (0, pad_w, 0, pad_h), value=0.0)
-            target = torch.nn.functional.pad(target, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        return tensor, target
-
-
-class SegEvalTransform:
-    """(RGB image, (H, W) label, rng) -> (image (3, h, w) float32 rescaled by ``eval_scale``, label (H, W) int64
-    at the stored size)."""
-
-    def __init__(self, cfg: SegDataConfig):
-        self.scale = tuple(cfg.eval_scale) if cfg.eval_scale is not None else None
-        self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
-
-    def __call__(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator | None = None):
-        if self.scale is not None:
-            image = image.resize(rescale_size(*image.size, self.scale), Image.Resampling.BILINEAR)
-        return _normalize(np.asarray(image), self.mean, self.std), torch.from_numpy(label)
-
-
 # --------------------------------------------------------------------------------------------- datasets
 class SegmentationDataset(Dataset):
     """``dataset[(epoch, index)]`` -> ``{"image": (3, h, w) float32, "label": (H, W) int64, "index": int}``.
 
     The sample's random draws come from ``sample_rng((seed, epoch, index))``; a plain int means epoch 0.
-    An unreadable image or label raises with its path (no silent replacement: a segmentation set is small
-    enough to fix).
+    A pair that cannot be used (an unreadable image or label, or sizes that differ) comes back as a marker
+    ``{"bad": ["path: reason"]}`` that the loader counts and skips (see the module docstring).
     """
 
     def __init__(self, pairs: list[tuple[Path, Path]], transform: Any, cfg: SegDataConfig):
@@ -295,13 +218,14 @@ class SegmentationDataset(Dataset):
         try:
             image = decode_image(image_path, max_pixels=self.max_image_pixels)
         except BadSample as error:
-            raise ValueError(f"cannot read image {image_path}: {error.reason}") from None
-        label = load_label(label_path, self.num_classes, self.reduce_zero_label)
+            return {"bad": [f"{image_path}: {error.reason}"]}
+        try:
+            label = load_label(label_path, self.num_classes, self.reduce_zero_label, max_pixels=self.max_image_pixels)
+        except BadSample as error:
+            return {"bad": [f"{label_path}: {error.reason}"]}
         if image.size != (label.shape[1], label.shape[0]):
-            raise ValueError(
-                f"image {image_path} is {image.size[0]}x{image.size[1]} but its label {label_path} is "
-                f"{label.shape[1]}x{label.shape[0]}"
-            )
+            return {"bad": [f"{image_path}: the image is {image.size[0]}x{image.size[1]} but its label {label_path} "
+                            f"is {label.shape[1]}x{label.shape[0]}"]}
         tensor, target = self.transform(image, label, sample_rng((self.seed, epoch, index), AUGMENT_STREAM))
         return {"image": tensor, "label": target, "index": index}
 
@@ -315,103 +239,41 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     }
 
 
-class SegLoader:
-    """Batches of a ``SegmentationDataset``, one epoch per iteration, resumable mid-epoch.
-
-    Iterating runs the current epoch from the current position and then moves to the next epoch;
-    ``state_dict()`` is the position after the last batch handed out, ``load_state_dict`` continues from
-    it with the same order and the same augmentations (the engine's data-position protocol).
-    """
-
-    def __init__(
-        self,
-        dataset: SegmentationDataset,
-        *,
-        batch_size: int,
-        shuffle: bool,
-        drop_last: bool,
-        seed: int,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        pad: bool = True,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.world_size = world_size
-        self.sampler = ResumableDistributedSampler(
-            len(dataset), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, pad=pad
-        )
-        # The workers' base seed comes from this generator, not the global RNG that drop path draws from.
-        generator = torch.Generator().manual_seed(seed)
-        self._loader = DataLoader(
-            dataset,
-            batch_sampler=BatchSampler(self.sampler, batch_size, drop_last),
-            num_workers=num_workers,
-            collate_fn=collate,
-            pin_memory=pin_memory and torch.cuda.is_available(),
-            persistent_workers=num_workers > 0,
-            generator=generator,
-        )
-        self._epoch = 0
-        self._position = 0  # samples consumed in this epoch by all ranks together
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch, self._position = epoch, 0
-
-    def __iter__(self):
-        self.sampler.set_epoch(self._epoch, min(self._position, self.sampler.total_size))
-        for batch in self._loader:
-            self._position += batch["images"].shape[0] * self.world_size
-            yield batch
-        self.set_epoch(self._epoch + 1)
-
-    def __len__(self) -> int:
-        samples = self.sampler.samples_per_epoch()
-        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "epoch": self._epoch, "position": self._position,
-                "dataset_size": len(self.dataset), "seed": self.sampler.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT or state.get("dataset_size") != len(self.dataset):
-            raise ValueError(
-                f"cannot resume: the checkpoint's segmentation data state {state} does not match this dataset "
-                f"({len(self.dataset)} images); resume with the same data, or use a new output directory"
-            )
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-
-
 def build_seg_loader(cfg: SegDataConfig, purpose: str, batch_size: int = 1, *, rank: int = 0,
-                     world_size: int = 1) -> SegLoader:
+                     world_size: int = 1) -> Loader:
     """The training loader (``purpose='train'``: shuffled, augmented, full batches) or the evaluation loader
-    (``'eval'``: stored order, one image per batch since image sizes differ, no padding of ranks)."""
+    (``'eval'``: stored order, one image per batch since image sizes differ, no padding of ranks).
+
+    Both are ``evamim.data.loader.Loader``: iterate it for the rest of the current epoch, resume with
+    ``state_dict()``/``load_state_dict()``, read the skipped pairs from ``bad_sample_totals()``.
+    """
     cfg.validate()
     if purpose == "train":
         pairs = ade20k_pairs(cfg.root, cfg.train_split)
         dataset = SegmentationDataset(pairs, SegTrainTransform(cfg), cfg)
         if len(dataset) < batch_size * world_size:
             raise ValueError(f"{len(dataset)} training images cannot fill one batch of {batch_size} per process")
-        return SegLoader(dataset, batch_size=batch_size, shuffle=cfg.shuffle, drop_last=True, seed=cfg.seed,
-                         num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, rank=rank, world_size=world_size)
-    if purpose == "eval":
+        options = dict(batch_size=batch_size, shuffle=cfg.shuffle, drop_last=True, pad=True)
+    elif purpose == "eval":
         if batch_size != 1:
             raise ValueError(f"evaluation loads one image per batch (sizes differ), got batch_size={batch_size}")
         pairs = ade20k_pairs(cfg.root, cfg.val_split)[: cfg.val_limit]
         dataset = SegmentationDataset(pairs, SegEvalTransform(cfg), cfg)
-        return SegLoader(dataset, batch_size=1, shuffle=False, drop_last=False, seed=cfg.seed,
-                         num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, rank=rank, world_size=world_size,
-                         pad=False)
-    raise ValueError(f"unknown purpose {purpose!r}; expected 'train' or 'eval'")
+        options = dict(batch_size=1, shuffle=False, drop_last=False, pad=False)
+    else:
+        raise ValueError(f"unknown purpose {purpose!r}; expected 'train' or 'eval'")
+    return Loader(
+        dataset,
+        collate_fn=collate,
+        monitor=BadSampleMonitor(cfg.max_bad_fraction, cfg.bad_window, cfg.bad_min_samples),
+        rank=rank,
+        world_size=world_size,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        persistent_workers=True,
+        **options,
+    )
 
 
 __all__ = [
@@ -425,5 +287,6 @@ __all__ = [
     "build_seg_loader",
     "load_label",
     "photometric_distortion",
+    "random_crop_box",
     "rescale_size",
 ]

@@ -18,11 +18,16 @@ their start (so up to about ``num_workers`` shards' worth of samples repeat, nev
 Damaged shards never end silently: a shard that cannot be opened or is not a tar, a corrupt header
 or truncated data in the middle (which Python's tarfile takes for the end of the archive), is one
 bad sample ``url: what, at byte N, after member M``, counted like a bad image; the samples read
-before the damage are kept.
+before the damage are kept (see ``evamim.data.tar_reader``).
 
 With ``shard_sampling="resample"`` each worker draws shards at random with replacement, forever,
-and an epoch is ``samples_per_epoch`` samples per rank (webdataset's recipe for multi-node
-training: every rank sees the same number of samples, whatever the shard sizes).
+and an epoch is ``samples_per_epoch // world_size`` samples per rank (webdataset's recipe for
+multi-node training: every rank sees the same number of samples, whatever the shard sizes).
+
+``samples_per_epoch`` counts the samples of one epoch over all ranks, so one recipe means the same
+amount of data on any number of GPUs. Each rank's share is ``samples_per_epoch // world_size``:
+rounded down, the same on every rank, so that all ranks take the same number of steps (the
+remainder, fewer than ``world_size`` samples, is left out of the epoch).
 """
 
 from __future__ import annotations
@@ -32,11 +37,9 @@ import itertools
 import json
 import logging
 import os
-import re
-import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +49,7 @@ from torch.utils.data import IterableDataset
 from evamim.data.config import SHARD_SUFFIXES
 from evamim.data.decode import BadSample, decode_image
 from evamim.data.samples import AUGMENT_STREAM, RawSample, make_sample, sample_rng
+from evamim.data.tar_reader import require_webdataset, shard_events  # noqa: F401  (re-exported)
 from evamim.data.transforms import ImageTransform
 
 logger = logging.getLogger("evamim.data")
@@ -53,17 +57,6 @@ logger = logging.getLogger("evamim.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # In resample mode a run of shards without one usable sample means the shards are broken.
 MAX_EMPTY_SHARDS_IN_A_ROW = 100
-
-
-def require_webdataset():
-    """The ``webdataset`` module, or an error saying how to install it."""
-    try:
-        import webdataset
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            "reading or writing WebDataset shards needs the webdataset package: pip install 'evamim[data]'"
-        ) from error
-    return webdataset
 
 
 def is_remote(url: str) -> bool:
@@ -95,149 +88,6 @@ def expand_shards(spec: str) -> list[str]:
             f"{len(missing)} of {len(urls)} shards named by {spec!r} do not exist, e.g. {', '.join(missing[:3])} (data.path)"
         )
     return urls
-
-
-def _error_text(error: BaseException) -> str:
-    # Only the first argument: webdataset appends the stream and URL to the others.
-    first = error.args[0] if error.args else ""
-    if isinstance(error, OSError) and error.strerror:  # args[0] of an OSError is its errno
-        first = error.strerror
-    return f"{type(error).__name__}: {first}"
-
-
-def shard_events(urls: Iterable[str], *, give_up_after_empty: int | None = None) -> Iterator[tuple[str, Any]]:
-    """``("sample", raw dict)``, ``("end", url)`` after each shard, ``("error", "url: reason")``.
-
-    Every way a shard can be damaged (unopenable, not a tar, a corrupt header or truncated data in
-    the middle, duplicate members) becomes one ``error`` event naming the shard and, when the tar
-    data could be partly read, the byte offset and the last member read.
-    """
-    require_webdataset()
-    from webdataset.tariterators import group_by_keys
-
-    empty_in_a_row = 0
-    for url in urls:
-        errors: list[str] = []
-
-        def handler(error: BaseException, url: str = url, errors: list[str] = errors) -> bool:
-            errors.append(f"{url}: {_error_text(error)}")
-            return True  # skip what is broken, keep reading
-
-        count = 0
-        for raw in group_by_keys(tar_members(url, errors), handler=handler):
-            count += 1
-            yield "sample", raw
-        for error in errors:
-            yield "error", error
-        yield "end", url
-        empty_in_a_row = 0 if count else empty_in_a_row + 1
-        if give_up_after_empty is not None and empty_in_a_row >= give_up_after_empty:
-            raise RuntimeError(f"the last {empty_in_a_row} shards read held no samples (last: {url}); check data.path")
-
-
-class _WatchedHeader(tarfile.TarInfo):
-    """Records on the archive why reading headers stopped: tarfile keeps it to itself, and treats a
-    corrupt header after the first member exactly like the end of the archive."""
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as error:
-            tarfile_.stopped_at = (error, tarfile_.offset)  # type: ignore[attr-defined]
-            raise
-
-
-# Members webdataset skips too: its metadata, named like ``__name__``.
-_META_MEMBER = re.compile(r"__[^/]*__($|/)")
-
-
-def tar_members(url: str, errors: list[str]) -> Iterator[dict[str, Any]]:
-    """The regular members of shard ``url`` as ``{"fname", "data", "__url__"}`` (webdataset's format).
-
-    The shard is read as a stream (so URLs and ``pipe:`` commands work). Damage is appended to
-    ``errors`` as ``url: what, at byte N, after member M; the rest of the shard was not read``: a
-    corrupt header in the middle used to end the shard silently, losing every sample after it.
-    """
-    from webdataset.gopen import gopen
-
-    try:
-        stream = gopen(url)
-    except Exception as error:  # noqa: BLE001 - any failure to open is this shard's, reported with its URL
-        errors.append(f"{url}: cannot open: {_error_text(error)}")
-        return
-    first_error, archive, member, last_read, finished = len(errors), None, None, None, False
-    try:
-        archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedHeader)
-        for member in archive:
-            if not member.isreg() or _META_MEMBER.match(member.name):
-                continue
-            data = archive.extractfile(member).read()
-            last_read = member.name
-            yield {"fname": member.name, "data": data, "__url__": url}
-            archive.members = []  # a streamed archive would otherwise keep every header in memory
-        damage = _stop_reason(archive)
-        if damage:
-            errors.append(f"{url}: {damage}{_after(last_read)}; the rest of the shard was not read")
-        finished = True
-    # Corrupt bytes make tarfile and the decompressors raise many types (ReadError, EOFError,
-    # zlib.error, OSError from a failing pipe ...): all of them are this shard's damage.
-    except Exception as error:  # noqa: BLE001
-        errors.append(f"{url}: {_read_failure(error, archive, member, last_read)}")
-        finished = True
-    finally:
-        _close(stream, url, errors if finished else None, first_error)
-
-
-def _read_failure(error: Exception, archive: tarfile.TarFile | None, member: Any, last_read: str | None) -> str:
-    if archive is None:  # the first header already failed
-        return f"not a readable tar archive ({_error_text(error)})"
-    if member is not None and member.name != last_read:  # failed inside this member's data
-        where = f" in member {member.name} (header at byte {member.offset})"
-    else:
-        where = f" at byte {archive.offset}"
-    return f"{_error_text(error)}{where}{_after(last_read)}; the rest of the shard was not read"
-
-
-def _stop_reason(archive: tarfile.TarFile) -> str | None:
-    """What ended a streamed archive early, or None when it ended at its end."""
-    stopped = getattr(archive, "stopped_at", None)
-    if stopped is None:
-        return None
-    error, offset = stopped
-    if isinstance(error, (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)):
-        return f"corrupt tar header at byte {offset} ({error})"
-    if isinstance(error, tarfile.EOFHeaderError) and _data_after_end(archive):
-        return f"an end-of-archive block at byte {offset} is followed by more data"
-    return None  # EOFHeaderError or EmptyHeaderError: the archive's regular end
-
-
-def _data_after_end(archive: tarfile.TarFile) -> bool:
-    """Whether anything but zero padding follows the end-of-archive block (normally < 10 KiB)."""
-    while chunk := archive.fileobj.read(1 << 20):
-        if chunk.strip(b"\0"):
-            return True
-    return False
-
-
-def _after(member: str | None) -> str:
-    return f", after member {member}" if member else ", before its first member"
-
-
-def _close(stream: Any, url: str, errors: list[str] | None, first_error: int) -> None:
-    """Close a shard stream; a ``pipe:`` command's failing exit status is reported when the shard was
-    read to its end (``errors`` given): added to this shard's damage line, whose likely cause it
-    is, else on a line of its own. After stopping early (a quota reached) the command was cut off on
-    purpose, and its status means nothing."""
-    try:
-        stream.close()
-    except Exception as error:  # noqa: BLE001 - webdataset's Pipe raises OSError for a bad exit status
-        if errors is None:
-            return
-        if len(errors) > first_error:
-            errors[-1] += f" (closing it: {_error_text(error)})"
-        else:
-            errors.append(f"{url}: {_error_text(error)}")
 
 
 def _shuffle(events: Iterator[tuple[str, Any]], buffer_size: int, rng: np.random.Generator):
@@ -281,6 +131,10 @@ def sample_id(url: str, key: str) -> int:
 class ShardDataset(IterableDataset):
     """Iterable over the sample dicts of this rank's shards for ``self.epoch``.
 
+    ``samples_per_epoch`` (all ranks together) caps each rank's epoch at its share (split) or sets the
+    epoch's length (resample); ``listed_samples`` (all ranks, e.g. from ``shard-info.json``) only tells
+    the length of an epoch when ``samples_per_epoch`` is not set: every shard is still read in full.
+
     Attributes the loader sets before each epoch (workers are restarted per epoch, so they see them):
     ``epoch``; ``skip_shards`` (shards already consumed by this rank in this epoch, split mode);
     ``consumed`` (samples this rank already consumed in this epoch; caps and reseeds the rest).
@@ -304,6 +158,7 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         sampling: str = "split",
         samples_per_epoch: int | None = None,
+        listed_samples: int | None = None,
         max_image_pixels: int = 89_478_485,
     ):
         if not urls:
@@ -317,6 +172,12 @@ class ShardDataset(IterableDataset):
             )
         if sampling == "resample" and not samples_per_epoch:
             raise ValueError("shard_sampling=resample needs samples_per_epoch")
+        for name, count in (("samples_per_epoch", samples_per_epoch), ("listed_samples", listed_samples)):
+            if count is not None and count < world_size:
+                raise ValueError(
+                    f"{name}={count} counts all ranks together: it leaves no sample to each of {world_size} ranks. "
+                    f"Set data.samples_per_epoch to the samples of one epoch over all ranks (>= {world_size})"
+                )
         self.urls = list(urls)
         self.transform = transform
         self.seed = seed
@@ -328,6 +189,7 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.sampling = sampling
         self.samples_per_epoch = samples_per_epoch
+        self.listed_samples = listed_samples
         self.max_image_pixels = max_image_pixels
         self.origin = f"{len(self.urls)} shards ({self.urls[0]} ...)"
         self.epoch = 0
@@ -341,11 +203,22 @@ class ShardDataset(IterableDataset):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
         return [self.urls[i] for i in order[self.rank :: self.world_size]]
 
+    def rank_quota(self) -> int | None:
+        """This rank's samples per epoch, ``samples_per_epoch // world_size``, or None for "all of its shards"."""
+        return self.samples_per_epoch // self.world_size if self.samples_per_epoch else None
+
+    def rank_length(self) -> int | None:
+        """This rank's nominal samples per epoch (for ``len(loader)``): its quota, else its share of
+        ``listed_samples``; None when neither is known."""
+        total = self.samples_per_epoch or self.listed_samples
+        return total // self.world_size if total else None
+
     def worker_quota(self, worker: int, num_workers: int) -> int | None:
         """Samples worker ``worker`` delivers this epoch, or None for "all of its shards"."""
-        if not self.samples_per_epoch:
+        quota = self.rank_quota()
+        if quota is None:
             return None
-        remaining = max(0, self.samples_per_epoch - self.consumed)
+        remaining = max(0, quota - self.consumed)
         return remaining // num_workers + (1 if worker < remaining % num_workers else 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

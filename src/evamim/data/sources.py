@@ -6,8 +6,10 @@
 - ``synthetic``: ``SyntheticShapes`` (drawn shapes with captions and shape labels)
 
 ``auto`` reads the kind inferred from ``path`` (``DataConfig.resolve_source``), synthetic without a
-path. Map-style sources become a ``MapDataset``; shards an iterable ``ShardDataset``. A missing or
-empty path fails here, at construction, with the path in the message.
+path. Map-style sources become a ``MapDataset``; shards an iterable ``ShardDataset``, whose epoch
+length comes from ``data.samples_per_epoch`` or else from the shards' ``shard-info.json``
+(``evamim.data.shard_info``). A missing or empty path fails here, at construction, with the path in
+the message.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from evamim.data.config import DataConfig
 from evamim.data.files import FileSource
 from evamim.data.mapstyle import MapDataset
+from evamim.data.shard_info import shard_set_size
 from evamim.data.shards import ShardDataset, expand_shards
 from evamim.data.synthetic import SyntheticShapes
 from evamim.data.transforms import as_image_transform
@@ -63,6 +66,18 @@ def build_dataset(
                 shards_per_rank,
                 cfg.num_workers,
             )
+        samples_per_epoch, listed = cfg.samples_per_epoch, None
+        if not samples_per_epoch:
+            listed = shard_set_size(urls)
+            if listed:
+                logger.info("data.samples_per_epoch not set: the shard info files list %d samples in %d shards", listed, len(urls))
+        if cfg.shard_sampling == "resample":
+            samples_per_epoch = samples_per_epoch or listed
+            if not samples_per_epoch:
+                raise ValueError(
+                    "data.shard_sampling=resample needs the length of an epoch: set data.samples_per_epoch (samples "
+                    "over all ranks), or read shards written by `evamim data make-shards` (their shard-info.json has it)"
+                )
         return ShardDataset(
             urls,
             transform,
@@ -71,7 +86,8 @@ def build_dataset(
             shuffle=cfg.shuffle if shuffle is None else shuffle,
             shuffle_buffer=cfg.shuffle_buffer,
             sampling=cfg.shard_sampling,
-            samples_per_epoch=cfg.samples_per_epoch,
+            samples_per_epoch=samples_per_epoch,
+            listed_samples=listed,
             **common,
         )
     return MapDataset(build_source(cfg), transform, max_consecutive_bad=cfg.max_consecutive_bad, **common)

@@ -3,7 +3,9 @@
 The data-position protocol (what the training loop expects of the ``data`` it is given):
 
 1. ``iter(data)`` yields the batches of one epoch; when it is exhausted the loop calls ``iter(data)``
-   again for the next epoch. That is all a plain iterable (a list, a ``DataLoader``) needs.
+   again for the next epoch. That is all a plain iterable (a list, a ``DataLoader``) needs. Every tensor and
+   list in a batch holds one entry per sample (``evamim.engine.batching`` refuses any other length when it
+   counts or splits a batch); a data source keeps its own bookkeeping out of the batches (see 4).
 2. Optional ``data.set_epoch(epoch: int)``: called before each epoch's ``iter(data)`` (the
    ``DistributedSampler`` convention), so the shuffle order can be a function of the epoch.
 3. Optional, for exact resume mid-epoch, ``data.state_dict() -> dict`` and ``data.load_state_dict(dict)``

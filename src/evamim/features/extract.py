@@ -165,6 +165,8 @@ def features_from_batches(
 
 def _extract_local(model, loader, request, device, dtype, progress: bool, desc: str) -> _Local:
     local = _Local(parts={}, labels=[], indices=[], keys=[])
+    # Failures stay in the loader (batches carry samples only): count those met during this pass.
+    bad_before = _bad_samples(loader)
     batches = _progress(loader, desc, progress)
     for parts, batch in features_from_batches(model, batches, request, device=device, dtype=dtype):
         for name, value in parts.items():
@@ -174,8 +176,13 @@ def _extract_local(model, loader, request, device, dtype, progress: bool, desc: 
         if "indices" in batch:
             local.indices.append(batch["indices"].long())
         local.keys.extend(batch.get("keys", ()))
-        local.num_bad += int(batch.get("num_bad", 0))
+    local.num_bad = _bad_samples(loader) - bad_before
     return local
+
+
+def _bad_samples(loader: Any) -> int:
+    totals = getattr(loader, "bad_sample_totals", None)
+    return int(totals()["samples_bad"]) if callable(totals) else 0
 
 
 def _stack(pieces: list[torch.Tensor], empty_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
