@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from evamim.tasks.command import CommandFinished
+
 # name -> (module, one-line help). The module is imported only when its command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("evamim.tasks.pretrain", "EVA pre-training: regress frozen CLIP features at masked patches"),
@@ -22,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("evamim.tasks.finetune", "full fine-tuning with layer decay, mixup/cutmix and EMA"),
     "segment": ("evamim.tasks.segmentation", "semantic segmentation (ADE20K layout): linear or UPerNet head"),
     "embed": ("evamim.tasks.embed", "extract embeddings of a folder, list or shards to .npy/.safetensors"),
+    "list": ("evamim.tasks.listing", "list models, teachers, objectives or recipes"),
 }
 
 
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser.parse_args(rest)
     try:
         code = int(module.run(args) or 0)
+    except CommandFinished as done:  # --print-config / --dry-run printed their report
+        code = done.code if isinstance(done.code, int) else 0
     except BaseException as error:
         if not _in_process_group():
             raise

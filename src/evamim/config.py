@@ -95,5 +95,10 @@ def to_dict(config: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
 
 
+def to_yaml(config: Any) -> str:
+    """The YAML text of a config dataclass: every key, loadable again as a recipe (``--config``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    Path(path).write_text(to_yaml(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("evamim.bench.model", "forward+backward+AdamW steps of EvaViT, side by side with timm's Eva"),
@@ -29,6 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "_bench_missing", False):
-        print(f"evamim bench {args.benchmark}: not built yet in this version of evamim")
+        print(f"evamim bench {args.benchmark}: not built yet in this version of evamim", file=sys.stderr)
         return 2
     return int(importlib.import_module(args._bench_module).run(args) or 0)

@@ -31,24 +31,28 @@ from pathlib import Path
 
 import numpy as np
 
+from evamim.flags import int_at_least, int_in_range
+
 PIPELINES = ("ours", "ours-nodraft", "baseline")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="folder of images to load (e.g. made with --make-images)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to measure (default 1 2)")
-    parser.add_argument("--batches", type=int, default=20, help="batches per timed run (default 20)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--image-size", type=int, default=224, help="output crop side (default 224)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per pipeline (median reported; default 3)")
+    parser.add_argument("--workers", type=int_at_least(0), nargs="+", default=[1, 2],
+                        help="DataLoader worker counts to measure (default 1 2)")
+    parser.add_argument("--batches", type=int_at_least(1), default=20, help="batches per timed run (default 20)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="images per batch (default 32)")
+    parser.add_argument("--image-size", type=int_at_least(1), default=224, help="output crop side (default 224)")
+    parser.add_argument("--repeats", type=int_at_least(1), default=3,
+                        help="alternating runs per pipeline (median reported; default 3)")
     parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=["ours", "baseline"], help="what to compare")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--make-images", metavar="DIR", help="write benchmark JPEGs into DIR and exit")
-    parser.add_argument("--count", type=int, default=256, help="with --make-images: number of images (default 256)")
+    parser.add_argument("--count", type=int_at_least(1), default=256, help="with --make-images: number of images (default 256)")
     parser.add_argument(
         "--size", default="500x375", help="with --make-images: WIDTHxHEIGHT (500x375 ImageNet-like, 1600x1200 web-photo-like)"
     )
-    parser.add_argument("--quality", type=int, default=90, help="with --make-images: JPEG quality (default 90)")
+    parser.add_argument("--quality", type=int_in_range(1, 100), default=90, help="with --make-images: JPEG quality (default 90)")
     parser.add_argument("--grain", type=float, default=3.0, help="with --make-images: grain (pixel noise std) added (default 3)")
 
 

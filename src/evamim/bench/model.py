@@ -14,6 +14,7 @@ import json
 import torch
 
 from evamim.bench.common import DTYPES, device_description, environment, interleaved_seconds_per_step, peak_tflops
+from evamim.flags import add_device_argument, add_hidden_alias, add_precision_argument, int_at_least, positive_float
 from evamim.models.checkpoint import timm_model_kwargs, to_timm_state_dict
 from evamim.models.flops import forward_flops
 from evamim.models.presets import list_models, model_config
@@ -22,17 +23,18 @@ from evamim.models.vit import EvaViT
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="eva_small_p16", choices=list_models())
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=None, help="default: the preset's (224)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (weights stay fp32)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--image-size", type=int_at_least(1), default=None, help="default: the preset's (224)")
+    add_hidden_alias(parser, "--img-size", "image_size", type=int_at_least(1))
+    add_device_argument(parser)
+    add_precision_argument(parser, default="fp32")
     parser.add_argument("--compare", choices=["timm", "none"], default="timm")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=5)
+    parser.add_argument("--steps", type=int_at_least(1), default=3, help="steps per round")
+    parser.add_argument("--warmup", type=int_at_least(0), default=2)
+    parser.add_argument("--peak-tflops", type=positive_float, default=None, help="device peak for MFU (default: known GPUs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -68,7 +70,7 @@ def _peak_memory_gib(step, device: torch.device, steps: int) -> float | None:
 
 
 def build_candidates(args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
-    overrides = {"img_size": args.img_size} if args.img_size else {}
+    overrides = {"img_size": args.image_size} if args.image_size else {}
     config = model_config(args.model, grad_checkpointing=args.grad_checkpointing, **overrides)
     models = {"evamim": EvaViT(config).to(device)}
     if args.compare == "timm":
@@ -83,7 +85,7 @@ def build_candidates(args: argparse.Namespace, device: torch.device) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[args.precision]
     models = build_candidates(args, device)
     config = models["evamim"].config
     images = torch.randn(args.batch_size, 3, *config.img_size, device=device)
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "batch_size": args.batch_size,
         "img_size": list(config.img_size),
-        "dtype": args.dtype,
+        "dtype": args.precision,
         "device": device_description(device),
         "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing,

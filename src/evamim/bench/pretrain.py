@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from evamim.bench.common import DTYPES, device_description, environment, interleaved_seconds_per_step, peak_tflops
+from evamim.bench.common import device_description, environment, interleaved_seconds_per_step, peak_tflops
 from evamim.config import load_config
+from evamim.flags import add_device_argument, add_hidden_alias, add_precision_argument, int_at_least, positive_float
 from evamim.models.flops import forward_flops
 from evamim.models.presets import list_models
 
@@ -25,17 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="eva_base_p16", choices=list_models())
     parser.add_argument("--teacher", default="open_clip:ViT-L-14-quickgelu/random",
                         help="teacher spec; the tag 'random' builds the architecture without weights")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    parser.add_argument("--min-block-patches", type=int, default=16, help="block masking's smallest block (EVA: 16)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
+    parser.add_argument("--image-size", type=int_at_least(1), default=224)
+    add_hidden_alias(parser, "--img-size", "image_size", type=int_at_least(1))
+    add_device_argument(parser)
+    add_precision_argument(parser, default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--min-block-patches", type=int_at_least(1), default=16, help="block masking's smallest block (EVA: 16)")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student's blocks")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--rounds", type=int_at_least(1), default=5)
+    parser.add_argument("--steps", type=int_at_least(1), default=3, help="steps per round")
+    parser.add_argument("--warmup", type=int_at_least(0), default=2)
+    parser.add_argument("--peak-tflops", type=positive_float, default=None, help="device peak for MFU (default: known GPUs)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     config = load_config(PretrainConfig, None, [
         f"model.name={args.model}", f"model.grad_checkpointing={args.grad_checkpointing}",
-        f"teacher.spec={args.teacher}", f"data.image_size={args.img_size}", "data.source=synthetic",
+        f"teacher.spec={args.teacher}", f"data.image_size={args.image_size}", "data.source=synthetic",
         f"masking.min_num_patches={args.min_block_patches}",
     ])
     grid = student_config(config, mim_head_dim=1).grid_size
@@ -65,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
             block.compile()
     objective = get_objective("clip_mim")
     optimizer = build_optimizer(student, OptimConfig())
-    precision = Precision(args.dtype, device.type)
+    precision = Precision(args.precision, device.type)
     masks = build_mask_generator(config, grid)(args.batch_size, np.random.default_rng(0)).to(device)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     batch = {"images": images, "masks": masks}
 
     def step() -> None:
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     throughput = args.batch_size / seconds
     masked = float(masks.sum(1).float().mean())
     student_flops = 3 * forward_flops(student.config, head_tokens=round(masked))
-    teacher_flops = _teacher_flops(teacher, args.img_size, device)
+    teacher_flops = _teacher_flops(teacher, args.image_size, device)
     peak = peak_tflops(device, args.peak_tflops)
     peak_mem = None
     if device.type == "cuda":
@@ -97,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "teacher": args.teacher,
         "batch_size": args.batch_size,
-        "img_size": args.img_size,
-        "dtype": args.dtype,
+        "img_size": args.image_size,
+        "dtype": args.precision,
         "device": device_description(device),
         "compile": args.compile,
         "grad_checkpointing": args.grad_checkpointing,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from evamim.flags import int_at_least
 from evamim.models.checkpoint import load_weights, save_pretrained
 from evamim.models.export import TIMM_KWARGS_NAME, timm_model_kwargs, to_open_clip_state_dict, to_timm_state_dict
 from evamim.models.infer import infer_architecture
@@ -40,24 +41,28 @@ FORMATS = ("evamim", "timm", "open_clip")
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """['img_size=336', 'num_classes=0'] -> {'img_size': 336, 'num_classes': 0} (values parsed as YAML)."""
+    """['img_size=336', 'num_classes=0'] -> {'img_size': 336, 'num_classes': 0} (values parsed as YAML).
+    Raises ValueError for an item that is not key=value or whose value is not YAML."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"evamim convert: --set expects key=value, got {item!r}")
-        parsed = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, e.g. --set img_size=336; got {item!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
         overrides[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
     return overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="checkpoint: official EVA .pt, timm/open_clip state dict, .safetensors, "
-                                       "evamim dir or training checkpoint")
-    parser.add_argument("destination", help="output directory")
+    parser.add_argument("source", metavar="SOURCE", help="checkpoint: official EVA .pt, timm/open_clip state dict, "
+                                                         ".safetensors, evamim dir or training checkpoint")
+    parser.add_argument("destination", metavar="OUTPUT", help="output directory")
     parser.add_argument("--model", choices=list_models(), help="preset to build; default: the source's config, "
                                                                "else inferred from the weights")
-    parser.add_argument("--num-heads", type=int, help="heads, when the weights cannot show them")
+    parser.add_argument("--num-heads", type=int_at_least(1), help="heads, when the weights cannot show them")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set an EvaViTConfig field (repeatable), e.g. use_rope=true, rope_ref_grid=[16,16]")
     parser.add_argument("--ema", action="store_true", help="take the EMA weights (model_ema / state_dict_ema); "
@@ -120,8 +125,8 @@ def write_output(model: EvaViT, destination: str, to: str, kwargs: dict | None) 
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.overrides)
     try:
+        overrides = parse_overrides(args.overrides)
         source = read_source(args.source, prefer_ema=args.ema)
         config, notes = resolve_config(source, args, overrides)
         kwargs = export_kwargs(config, args)
@@ -133,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     print(report)
-    for line in write_output(model, args.destination, args.to, kwargs):
+    try:
+        lines = write_output(model, args.destination, args.to, kwargs)
+    except OSError as error:  # a read-only or full destination
+        where = error.filename or args.destination
+        print(f"evamim convert: {where}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    for line in lines:
         print(line)
     return 0

@@ -1,16 +1,41 @@
-"""What every config-driven command shares: ``--config`` and ``key=value`` arguments, console logging, and
-turning a run's outcome into an exit code and one line (exit 2: the input cannot be used; exit 1: the run
-failed for a known reason) instead of a traceback."""
+"""What every config-driven command shares: ``--config`` (a recipe name or a YAML file), ``key=value``
+overrides, ``--print-config`` and ``--dry-run``, console logging, and turning a run's outcome into an exit code
+and one line on stderr (exit 2: the input cannot be used; exit 1: the run failed for a known reason) instead of
+a traceback."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
-def add_config_arguments(parser, example_config: str, example_overrides: str) -> None:
-    """The arguments every config-driven command takes: ``--config FILE`` and ``key=value`` overrides."""
-    parser.add_argument("--config", help=f"YAML recipe (deltas over the defaults), e.g. {example_config}")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"e.g. {example_overrides}")
+class CommandFinished(SystemExit):
+    """Raised once ``--print-config`` or ``--dry-run`` has printed its report: the command is complete and ran
+    nothing, so the caller's summary of a run is skipped. ``evamim.cli.main`` returns its code (0), as
+    ``--help`` ends a command."""
+
+
+def add_config_arguments(parser, example_config: str | None = None, example_overrides: str = "") -> None:
+    """The arguments every config-driven command takes: ``--config NAME|FILE``, ``key=value`` overrides,
+    ``--print-config`` and ``--dry-run``.
+
+    The command is the last word of ``parser.prog`` (``evamim pretrain``); its recipes are listed in the help.
+    ``example_config`` is shown only for a command that ships no recipes."""
+    from evamim import recipes
+
+    available = recipes.names(parser.prog.split()[-1])
+    if available:
+        config_help = (f"a recipe by name ({', '.join(available)}; evamim list recipes) or a YAML file of "
+                       f"deltas over the defaults")
+    else:
+        config_help = "a YAML file of deltas over the defaults" + (f", e.g. {example_config}" if example_config else "")
+    parser.add_argument("--config", metavar="NAME|FILE", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="set a config key" + (f", e.g. {example_overrides}" if example_overrides else ""))
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults + recipe + overrides) as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and the inputs, print what the run would do, and exit")
 
 
 def configure_logging() -> int:
@@ -66,33 +91,58 @@ def _failures() -> tuple[type[BaseException], ...]:
     return (NonFiniteLossError, TooManyBadSamples, NonFiniteWeightsError)
 
 
-def run_config_command(command: str, schema: type, run_fn, args, extra_errors: tuple = ()):
+def _refuse(command: str, message: str, code: int = 2) -> tuple[int, None, None, int]:
+    print(f"evamim {command}: {message}", file=sys.stderr)
+    return code, None, None, 0
+
+
+def run_config_command(command: str, schema: type, run_fn, args, extra_errors: tuple = (), dry_run_fn=None):
     """Load ``schema`` from ``args`` and call ``run_fn(config)``. An input that cannot be used (a config, a missing
-    file, weights or checkpoints that do not load: ``_refusals``) is printed as ``evamim COMMAND: ...`` instead
-    of a traceback (exit code 2); so is a run that failed for a known reason (``_failures``: divergence, too
-    many bad samples) or an OS error while running (a full disk, a read-only or missing directory), with exit
-    code 1 (``EVAMIM_LOG_LEVEL=DEBUG`` logs their tracebacks). Returns (exit code, config, result, rank)."""
+    file, weights or checkpoints that do not load: ``_refusals``) is printed on stderr as ``evamim COMMAND: ...``
+    instead of a traceback (exit code 2); so is a run that failed for a known reason (``_failures``: divergence,
+    too many bad samples) or an OS error while running (a full disk, a read-only or missing directory), with exit
+    code 1 (``EVAMIM_LOG_LEVEL=DEBUG`` logs their tracebacks). Returns (exit code, config, result, rank).
+
+    ``--print-config`` prints the loaded config as YAML; ``--dry-run`` prints ``dry_run_fn(config)`` (a text
+    report; its refusals are handled as a run's, and a command without one refuses ``--dry-run``). Both then
+    raise :class:`CommandFinished` (exit code 0) without calling ``run_fn``."""
     import logging
 
-    from evamim.config import ConfigError, load_config
+    from evamim import recipes
+    from evamim.config import load_config, to_yaml
 
+    print_config, dry_run = getattr(args, "print_config", False), getattr(args, "dry_run", False)
+    if print_config and dry_run:
+        return _refuse(command, "--print-config and --dry-run do not go together; give one of them")
+    if dry_run and dry_run_fn is None:
+        return _refuse(command, "--dry-run is not available for this command; "
+                                "--print-config shows the resolved config without running")
     refused, failed = _refusals(), _failures()
-    rank, config = 0, None
+    rank, config, report = 0, None, None
     try:
         rank = configure_logging()
-        config = load_config(schema, args.config, args.overrides)
-        result = run_fn(config)
+        config = load_config(schema, recipes.resolve(command, args.config), args.overrides)
+        if print_config:
+            report = to_yaml(config).rstrip("\n")
+        elif dry_run:
+            report = dry_run_fn(config)
+        else:
+            result = run_fn(config)
     except (*refused, *extra_errors) as error:
         # A FileNotFoundError from the OS ("[Errno 2] ...: 'path'") reads better as "path: reason".
         os_error = isinstance(error, OSError) and error.errno is not None
-        print(f"evamim {command}: {describe_os_error(error) if os_error else error}")
+        print(f"evamim {command}: {describe_os_error(error) if os_error else error}", file=sys.stderr)
         return 2, None, None, rank
     except failed as error:
         logging.getLogger(__name__).debug("evamim %s failed", command, exc_info=True)
-        print(f"evamim {command}: {error}")
+        print(f"evamim {command}: {error}", file=sys.stderr)
         return 1, None, None, rank
     except OSError as error:  # after the config errors: FileNotFoundError is an OSError too
         logging.getLogger(__name__).debug("evamim %s failed", command, exc_info=True)
-        print(f"evamim {command}: {describe_os_error(error, getattr(config, 'output_dir', None))}")
+        print(f"evamim {command}: {describe_os_error(error, getattr(config, 'output_dir', None))}", file=sys.stderr)
         return 1, None, None, rank
+    if print_config or dry_run:
+        if report:
+            print(report)
+        raise CommandFinished(0)
     return 0, config, result, rank
