@@ -17,11 +17,18 @@ from distributed_fixtures import WORLD, OneThread, exported_weights, gloo_group,
 from evamim.config import load_config
 from evamim.engine import Hook
 from evamim.tasks.finetune import FinetuneConfig, run_finetune
+from evamim.tasks.segmentation import SegmentConfig, run_segmentation
 from test_finetune import tiny_overrides as finetune_overrides
+from test_segmentation import tiny_overrides as segment_overrides
+from test_segmentation import write_ade20k
 
 GLOBAL_BATCH = 8
 STEPS = 4
 TOLERANCE = 1e-6
+# BatchNorm divides by per-channel deviations of a few hundred pixels: float32 rounding of the two processes'
+# sums (another order than one process's) grows to a few 1e-6 in the losses over four steps, a few 1e-5 in the
+# running statistics of the pyramid pooling's 1x1 stage (four values per channel and step).
+SEGMENT_TOLERANCE = 2e-5
 
 
 def finetune_config(output_dir: Path, world: int, *extra: str) -> FinetuneConfig:
@@ -32,7 +39,7 @@ def finetune_config(output_dir: Path, world: int, *extra: str) -> FinetuneConfig
         f"batch_size={GLOBAL_BATCH // world}",
         "model.drop_path_rate=0.0",
         "data.synthetic_size=63",
-        "eval.batch_size=5",
+        "eval.batch_size=31",  # 32 + 31 images: 2 batches on one process, 1 on the other (FSDP replays one)
         "loop.eval_every=2",
         "checkpoint.every=2",
     ]
@@ -82,3 +89,43 @@ def test_finetune_on_two_processes_matches_one_process_and_resumes_exactly(tmp_p
     assert summary(tmp_path / "ddp")["processes"] == 2 and summary(tmp_path / "fsdp")["strategy"] == "fsdp"
     # The killed run really stopped and resumed (its log restarts at the checkpoint's step).
     assert (tmp_path / "killed" / "checkpoints").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- segmentation
+def segment_config(root: Path, output_dir: Path, world: int) -> SegmentConfig:
+    """The tiny UPerNet run of test_segmentation (BatchNorm in the head: it must normalise over the global
+    batch), 5 validation images, no dropout or drop path (their draws differ per process).
+
+    SGD rather than AdamW: the biases of the pyramid's transposed convolutions feed BatchNorm (through the
+    UPerNet laterals), which removes them, so their true gradient is 0; AdamW would normalise the rounding noise
+    that reaches them into full-size steps, which no two summation orders share."""
+    overrides = segment_overrides(root, output_dir, "upernet", STEPS) + [
+        f"batch_size={4 // world}", "model.drop_path_rate=0.0", "head.dropout=0.0", "loop.eval_every=2",
+        "checkpoint.every=2", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
+    return load_config(SegmentConfig, None, overrides)
+
+
+def _segment_worker(rank: int, tmp: str) -> None:
+    with gloo_group(rank, f"{tmp}/rendezvous"):
+        run_segmentation(segment_config(Path(tmp) / "ade", Path(tmp) / "ddp", WORLD))
+
+
+@pytest.mark.slow  # ~15 s on 2 cores
+def test_segmentation_on_two_processes_matches_one_process(tmp_path):
+    write_ade20k(tmp_path / "ade", train=8, val=5)
+    with OneThread():
+        run_segmentation(segment_config(tmp_path / "ade", tmp_path / "one", 1))
+    mp.spawn(_segment_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+
+    reference = losses(tmp_path / "one")
+    assert len(reference) == STEPS
+    assert losses(tmp_path / "ddp") == pytest.approx(reference, abs=SEGMENT_TOLERANCE)
+    ours, theirs = summary(tmp_path / "ddp"), summary(tmp_path / "one")
+    for key in ("mIoU", "mAcc", "aAcc"):  # the confusion matrices of both processes, added up
+        # (a pixel whose two best classes are within rounding of each other may flip: ~0.02 points here)
+        assert ours[key] == pytest.approx(theirs[key], abs=0.1), key
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / run / "model" / "segmenter.safetensors")) for run in ("ddp", "one"))
+    worst = max(a, key=lambda k: float((a[k].float() - b[k].float()).abs().max()))
+    assert max_difference(a, b) < 5 * SEGMENT_TOLERANCE, worst  # running statistics too: the same on every process

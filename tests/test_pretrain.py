@@ -152,7 +152,7 @@ def test_recipes_load_and_validate(tmp_path):
     paper = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "src/evamim/recipes/pretrain/eva_g14_merged30m.yaml",
                         ["data.path=/data"])
     assert (paper.model.name, paper.optim.lr, paper.optim.betas, paper.optim.clip_grad) == ("eva_giant_p14", 1e-3, (0.9, 0.98), 3.0)
-    assert paper.teacher.spec == "open_clip:ViT-L-14-quickgelu/openai" and paper.batch_size * 128 == 4096
+    assert paper.teacher.spec == "open_clip:ViT-L-14-quickgelu/openai" and (paper.batch_size, paper.global_batch_size) == (32, 4096)
     with pytest.raises(ConfigError, match="masking.kind must be 'block' or 'random'"):
         validate(load_config(PretrainConfig, None, ["masking.kind=grid"]))
 

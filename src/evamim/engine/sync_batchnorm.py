@@ -33,16 +33,18 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not (self.training and several):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         x = input.float()
         count = torch.tensor([x.numel() / channels], dtype=torch.float32, device=x.device)
-        packed = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))  # gradients flow back too
+        # Two passes (the mean, then the squared deviations from it) rather than E[x^2] - E[x]^2, whose
+        # cancellation in float32 would make the statistics depend on how the batch is split.
+        packed = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
         total = packed[-1]
         mean = packed[:channels] / total
-        var = (packed[channels : 2 * channels] / total - mean * mean).clamp(min=0)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        centered = x - mean.view(shape)
+        var = _AllReduceSum.apply((centered * centered).sum(dims)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
@@ -50,11 +52,31 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), momentum)
                 self.num_batches_tracked += 1
-        shape = [1, channels] + [1] * (input.dim() - 2)
-        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = centered * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out.to(input.dtype)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, with the gradient summed back over processes: every process's loss depends on every
+    process's statistics, so each input receives the gradient of all the losses (as in SyncBatchNorm)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
 
 
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:

@@ -197,17 +197,3 @@ def output_dir_problem(path: str | Path, key: str = "output_dir") -> str | None:
         reason = "read-only file system" if read_only else "permission denied"
         return f"{key} {path}: cannot write in {existing} ({reason}); choose a writable {key}"
     return None
-
-def single_process_problem(command: str) -> str | None:
-    """A refusal when the launcher (torchrun, srun) started several processes of a command that runs in one:
-    each would train its own copy and all of them would write the same output directory."""
-    from evamim.engine.distributed import DistributedEnvError, read_launch_env
-
-    try:
-        env = read_launch_env(use_scontrol=False)  # only the world size matters here
-    except DistributedEnvError as error:
-        return f"the launch environment is inconsistent: {error}"
-    if env.world_size > 1:
-        return (f"`evamim {command}` runs in one process, but {env.launcher} started {env.world_size}: each would "
-                f"train its own copy and all would write the same output_dir; run it without torchrun / srun")
-    return None

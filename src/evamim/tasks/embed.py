@@ -153,7 +153,7 @@ def _run(config: EmbedConfig, device: torch.device) -> dict[str, Any] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "a YAML file with the keys below",
+    add_config_arguments(parser, None,
                          "model.pretrained=runs/pretrain/model data.source=folder data.path=/photos format=safetensors")
 
 

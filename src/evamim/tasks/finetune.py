@@ -302,16 +302,19 @@ def dry_run(config: FinetuneConfig) -> str:
     classes = config.head.num_classes or 1
     with torch.device("meta"):
         model = EvaViT(model_config_of(config, classes))
+    classes = (f"{config.head.num_classes} classes" if config.head.num_classes
+               else "classes from the training data (counted with a 1-class head)")
+    validation = config.val_data.path or f"{config.val_data.source} images" if config.eval.enabled else "off"
     lines = [f"classifier at {config.data.image_size} px ({model.config.grid_size[0]}x{model.config.grid_size[1]} "
-             f"patches), {config.head.num_classes or 'data-defined'} classes, {config.head.global_pool} pooling; "
-             f"weights from {config.model.pretrained or 'random init'}",
-             f"validation: {config.val_data.path if config.eval.enabled else 'off'}"]
+             f"patches), {classes}, {config.head.global_pool} pooling; weights from "
+             f"{config.model.pretrained or 'random init'}",
+             f"validation: {validation}"]
     return describe_run(config, {"model": model}, lines)
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "eva_b16_in1k", "model.pretrained=runs/pretrain/model data.path=/data/in1k/train "
+    add_config_arguments(parser, None, "model.pretrained=runs/pretrain/model data.path=/data/in1k/train "
                                                  "val_data.path=/data/in1k/val")
 
 

@@ -210,7 +210,7 @@ def _run(config: KnnConfig, device: torch.device) -> dict[str, Any] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "knn_in1k",
+    add_config_arguments(parser, None,
                          "model.pretrained=runs/pretrain/model data.path=/data/in1k/train val_data.path=/data/in1k/val")
 
 

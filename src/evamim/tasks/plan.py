@@ -55,7 +55,16 @@ def count_samples(data: Any) -> tuple[int | None, str]:
     if kind == "synthetic":
         return data.synthetic_size, "data.synthetic_size"
     if kind == "shards":
-        return None, "shards: set data.samples_per_epoch"
+        try:
+            from evamim.data.shard_info import shard_set_size
+            from evamim.data.shards import expand_shards
+
+            listed = shard_set_size(expand_shards(data.path))
+        except (FileNotFoundError, ValueError, ModuleNotFoundError, OSError) as error:
+            return None, f"shards: {error}"
+        if listed:
+            return listed, f"the shard-info files next to {data.path}"
+        return None, "shards without shard-info files: set data.samples_per_epoch"
     try:
         from evamim.data.sources import build_source
 
@@ -78,13 +87,13 @@ def schedule_lines(config: Any, steps_per_epoch: int | None) -> list[str]:
     total = total_steps(config, steps_per_epoch)
     length = f"{total:,} steps" if total is not None else "unknown length"
     if loop.epochs is not None and loop.total_steps is None:
-        length += f" ({loop.epochs} epochs)"
+        length += f" ({loop.epochs:g} epochs)"
     if optim.warmup_steps is not None:
         warmup = f"{optim.warmup_steps:,} steps"
     elif optim.warmup_epochs and steps_per_epoch:
-        warmup = f"{round(optim.warmup_epochs * steps_per_epoch):,} steps ({optim.warmup_epochs} epochs)"
+        warmup = f"{round(optim.warmup_epochs * steps_per_epoch):,} steps ({optim.warmup_epochs:g} epochs)"
     else:
-        warmup = f"{optim.warmup_epochs} epochs"
+        warmup = f"{optim.warmup_epochs or 0:g} epochs"
     lines = [f"schedule: {length}; warmup {warmup} to lr {optim.lr:g}, then {optim.schedule} to {optim.min_lr:g}; "
              f"optimizer {optim.name}, weight decay {optim.weight_decay:g}"]
     every = config.checkpoint.every
@@ -113,4 +122,4 @@ def memory_lines(config: Any, models: Mapping[str, nn.Module], world: int) -> li
 
 
 def _gib(count: float) -> str:
-    return f"{count / 2**30:.2f} GiB"
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

@@ -14,7 +14,6 @@ FSDP2; see docs/multi-node.md). Only the main process writes the config, logs, s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,7 @@ class PretrainEvalSection:
 
 @dataclass
 class PretrainConfig:
-    """Defaults reproduce the EVA recipe at ViT-B scale; configs/pretrain/*.yaml hold the deltas."""
+    """Defaults reproduce the EVA recipe at ViT-B scale; the recipes (evamim list recipes) hold the deltas."""
 
     model: TrainedModelSection = field(default_factory=lambda: TrainedModelSection(name="eva_base_p16"))
     teacher: TeacherSection = field(default_factory=TeacherSection)
@@ -282,41 +281,39 @@ def run_pretrain(config: PretrainConfig, hooks: tuple = ()) -> dict[str, Any]:
 
 
 def dry_run(config: PretrainConfig) -> str:
-    """``evamim pretrain --dry-run``: the run's plan, built on the meta device (no weights, no data read)."""
+    """``evamim pretrain --dry-run``: the run's plan, with the student built on the meta device (no weights are
+    read, no teacher is built, no data is read)."""
+    from evamim.models.vit import EvaViT
+    from evamim.pretrain.objectives import objective_spec
     from evamim.tasks.plan import describe_run
+    from evamim.teachers import check_teacher
 
     validate(config)
-    grid = student_config(config, mim_head_dim=1).grid_size
-    from evamim.pretrain.objectives import objective_spec
-
     spec = objective_spec(config.objective)
+    grid = student_config(config, mim_head_dim=1).grid_size
+    patch_size = model_config(config.model.name, **config.model.options).patch_size
     lines = [f"objective {config.objective}: {spec.description}"]
     teacher_dim = None
     if spec.needs_teacher:
-        from evamim.teachers import check_teacher
-
-        teacher = check_teacher(config.teacher.spec, config.teacher.options)
-        teacher_dim = getattr(teacher, "embed_dim", None)
-        lines.append(f"teacher {config.teacher.spec}: {teacher}")
-    patch_size = model_config(config.model.name, **config.model.options).patch_size
-    head_dim = spec.head_dim(teacher_dim, patch_size) if (teacher_dim or spec.head == "pixels") else 1
-    from evamim.models.vit import EvaViT
-
+        teacher_dim = check_teacher(config.teacher.spec, config.teacher.options)
+        width = f"{teacher_dim}-d targets" if teacher_dim else "target width known once its config is read"
+        lines.append(f"teacher {config.teacher.spec}: {width}, frozen, {config.teacher.dtype or config.loop.precision}")
+    head_dim = spec.head_dim(teacher_dim, patch_size) if teacher_dim or spec.head == "pixels" else None
     with torch.device("meta"):
-        student = EvaViT(student_config(config, mim_head_dim=head_dim))
+        student = EvaViT(student_config(config, mim_head_dim=head_dim or 1))
     backbone = sum(p.numel() for name, p in student.named_parameters() if not name.startswith(("lm_head.", "mask_token")))
-    lines.append(f"student {config.model.name}: {backbone:,} parameters without the MIM head "
-                 f"({sum(p.numel() for p in student.parameters()):,} with lm_head {head_dim}-d and mask token), "
-                 f"{grid[0]}x{grid[1]} patches of {patch_size} px at {config.data.image_size} px")
+    lines.append(f"student {config.model.name}: {grid[0]}x{grid[1]} patches of {patch_size} px at "
+                 f"{config.data.image_size} px; {backbone:,} backbone parameters + lm_head "
+                 f"{head_dim if head_dim else '(width unknown)'}" + (" + mask token" if spec.uses_mask_token else ""))
     if spec.uses_masks:
-        masks = build_mask_generator(config, grid)
-        lines.append(f"masking {config.masking.kind}: {masks}")
-    return describe_run(config, {"student": student}, lines)
+        lines.append(f"masking {config.masking.kind}: {build_mask_generator(config, grid)}")
+    models = {"student": student} if head_dim else {"student (lm_head width unknown)": student}
+    return describe_run(config, models, lines)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "eva_b16_in1k", "data.path=/data/in1k optim.lr=5e-4")
+    add_config_arguments(parser, None, "data.path=/data/in1k optim.lr=5e-4")
 
 
 def run(args: argparse.Namespace) -> int:

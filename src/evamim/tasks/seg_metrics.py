@@ -23,30 +23,48 @@ IOU_CONVENTION = (
 
 
 # -------------------------------------------------------------------------------------------- training
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel cross entropy averaged over the labelled pixels, in fp32.
 
-    logits (B, K, H, W); labels (B, H, W) long with 255 = ignore. A batch without labelled pixels gives 0
-    (with a graph), not NaN.
+    logits (B, K, H, W); labels (B, H, W) long with 255 = ignore. ``labelled``: the number of labelled pixels
+    to divide by (default: this batch's). A batch without labelled pixels gives 0 (with a graph), not NaN.
     """
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    if labelled is None:
+        labelled = (labels != IGNORE_INDEX).sum()
+    return total / labelled.clamp(min=1)
 
 
 class SegmentationStep:
-    """The objective as the loop sees it: ``(model, batch) -> {"loss", "pixel_acc"}`` on crops and their labels."""
+    """The objective as the loop sees it: ``(model, batch) -> {"loss", "pixel_acc"}`` on crops and their labels.
+
+    With several processes the loss is the mean over the labelled pixels of the global batch (crops hold
+    different numbers of ignored pixels): each process divides its sum by the global count, times the number
+    of processes because the gradient all-reduce averages. One scalar all-reduce per step buys the exact
+    one-process result.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch.distributed as dist
+
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         logits = model(images)
         valid = labels != IGNORE_INDEX
-        correct = ((logits.argmax(1) == labels) & valid).sum()
-        return {"loss": segmentation_loss(logits, labels),
-                "pixel_acc": 100.0 * correct.float() / valid.sum().clamp(min=1)}
+        labelled = valid.sum().float()
+        correct = ((logits.argmax(1) == labels) & valid).sum().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            counts = torch.stack([labelled, correct])
+            dist.all_reduce(counts)
+            world = dist.get_world_size()
+            # The logged values are averaged over processes: scale so that the average is the global value.
+            return {"loss": segmentation_loss(logits, labels, counts[0] / world),
+                    "pixel_acc": 100.0 * counts[1] / counts[0].clamp(min=1)}
+        return {"loss": segmentation_loss(logits, labels, labelled),
+                "pixel_acc": 100.0 * correct / labelled.clamp(min=1)}
 
 
 # ------------------------------------------------------------------------------------------ evaluation

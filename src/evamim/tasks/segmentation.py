@@ -96,8 +96,8 @@ class SegEvalSection:
 
 @dataclass
 class SegmentConfig:
-    """Defaults: a ViT-B/16 UPerNet recipe on ADE20K (512 crop, batch 16, 160k steps); configs/segment/*.yaml
-    hold the deltas."""
+    """Defaults: a ViT-B/16 UPerNet recipe on ADE20K (512 crop, batch 16, 160k steps); the recipes
+    (evamim list recipes) hold the deltas."""
 
     model: TrainedModelSection = field(default_factory=TrainedModelSection)
     head: SegHeadSection = field(default_factory=SegHeadSection)
@@ -331,7 +331,7 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "eva_b16_ade20k_upernet",
+    add_config_arguments(parser, None,
                          "model.pretrained=runs/pretrain/model data.root=/data/ADEChallengeData2016")
 
 

@@ -45,11 +45,14 @@ def accepted_options(backend: str) -> list[str]:
     ]
 
 
-def check_teacher(spec: str, options: dict[str, Any] | None = None) -> None:
+def check_teacher(spec: str, options: dict[str, Any] | None = None) -> int | None:
     """Everything :func:`create_teacher` can check without weights, in about a second: the spec, the option
     names, and what the backend can tell from the model name -- an unknown model (with close matches), an
     unknown tag, a weights file that does not exist, a model that is not a ViT. The architecture may be
     instantiated on the meta device for that (no memory, no weights, no download).
+
+    Returns: the width D of the targets when the backend can tell without weights (open_clip, timm, local),
+    else None.
 
     Raises:
         ValueError: the spec or the model (the message says what to use instead).
@@ -67,9 +70,9 @@ def check_teacher(spec: str, options: dict[str, Any] | None = None) -> None:
                         f"{accepted + list(TEACHER_OPTIONS)}")
     check = getattr(importlib.import_module(BACKENDS[backend][0]), "check", None)
     if check is None:
-        return
+        return None
     try:
-        check(target, spec=spec, **options)
+        return check(target, spec=spec, **options)
     except ModuleNotFoundError as error:
         if backend not in _PACKAGES or error.name not in ("open_clip", "transformers"):
             raise

@@ -73,7 +73,8 @@ def _check_source(source: str, spec: str) -> None:
 
 def check(target: str, *, spec: str, layer: int | None = None, project: bool = True, cache_dir: str | None = None,
           revision: str | None = None) -> None:
-    """What can be refused before loading: a directory named in the spec that does not exist."""
+    """What can be refused before loading: a directory named in the spec that does not exist. (The target
+    width is known once the config is read: None here.)"""
     _check_source(os.path.expanduser(target), spec)
 
 

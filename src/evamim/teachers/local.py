@@ -44,9 +44,9 @@ class EvaTokens(TokenEncoder):
         return model.fc_norm(tokens)
 
 
-def check(target: str, *, spec: str, layer: int | None = None) -> None:
+def check(target: str, *, spec: str, layer: int | None = None) -> int:
     """What can be refused before loading: a directory that does not exist or holds no evamim config, a
-    ``layer`` out of range."""
+    ``layer`` out of range. Returns the target width D."""
     from evamim.models.checkpoint import read_config
 
     directory = os.path.expanduser(target)
@@ -55,6 +55,7 @@ def check(target: str, *, spec: str, layer: int | None = None) -> None:
     config = read_config(directory)  # FileNotFoundError naming what is missing when it is not an evamim directory
     if layer is not None:
         keep_blocks([None] * config.depth, layer, f"evamim model {directory!r}")
+    return int(config.embed_dim)
 
 
 def build(target: str, *, spec: str, layer: int | None = None) -> tuple[TokenEncoder, tuple, tuple]:

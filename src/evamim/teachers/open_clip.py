@@ -276,17 +276,18 @@ def _meta_visual(name: str) -> nn.Module | None:
 
 def check(
     target: str, *, spec: str, layer: int | None = None, project: bool = True, cache_dir: str | None = None
-) -> None:
+) -> int | None:
     """What ``build`` would refuse, found without weights: an unknown model or tag, a missing weights file,
     a tower that is not a ViT or has no per-token projection, a ``layer`` out of range. ``hf-hub:`` and
-    ``local-dir:`` models are checked when their files are read."""
+    ``local-dir:`` models are checked when their files are read. Returns the target width D when known."""
     name, pretrained = _split(target)
     if name.startswith(("hf-hub:", "local-dir:")):
-        return
+        return None
     _check_weights(name, pretrained, spec)
     visual = _meta_visual(name)
-    if visual is not None:
-        _encoder(visual, spec=spec, name=name, project=project, layer=layer)
+    if visual is None:
+        return None
+    return _encoder(visual, spec=spec, name=name, project=project, layer=layer).embed_dim
 
 
 def build(

@@ -223,10 +223,11 @@ def check(
     project: bool = False,
     cache_dir: str | None = None,
     model_kwargs: dict | None = None,
-) -> None:
+) -> int | None:
     """What ``build`` would refuse, found without weights or a download: an unknown model or tag, a missing
     weights file, a model that is not a ViT (e.g. ``resnet50``), no linear head with ``project``, a
-    ``layer`` out of range. The model is instantiated on the meta device for the structural checks."""
+    ``layer`` out of range. The model is instantiated on the meta device for the structural checks.
+    Returns the target width D when known."""
     name, weights_file = _split_name(target, spec)
     _check_name(name, spec)
     _check_quick_gelu(name, spec)
@@ -236,8 +237,9 @@ def check(
     else:
         _pretrained_cfg(name, spec)
     model = _meta_model(name, spec, model_kwargs)
-    if model is not None:
-        TimmTokens(model, project=project, layer=layer, name=f"timm model {name!r}")
+    if model is None:
+        return None
+    return TimmTokens(model, project=project, layer=layer, name=f"timm model {name!r}").embed_dim
 
 
 def build(
