@@ -15,6 +15,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from evamim import atomic
+
 T = TypeVar("T")
 
 
@@ -101,4 +103,4 @@ def to_yaml(config: Any) -> str:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(config))
+    atomic.write_text(path, to_yaml(config))

@@ -12,10 +12,12 @@ from typing import Callable
 
 import torch
 
+from evamim.dtypes import PRECISIONS
+
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak-tflops.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = PRECISIONS  # the one table (evamim.dtypes)
 
 
 def synchronize(device: torch.device) -> None:

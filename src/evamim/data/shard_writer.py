@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from evamim import atomic
 from evamim.data.decode import BadSample, decode_image_and_format
 from evamim.data.files import FileEntry, read_list, scan_folder
 from evamim.data.shards import require_webdataset
@@ -175,7 +176,7 @@ class _ShardSink:
         self._writer.close()
         self._file.close()
         final = self._path(len(self.shards))
-        os.replace(final.with_name(final.name + ".partial"), final)
+        atomic.replace_file(final.with_name(final.name + ".partial"), final)
         self.shards.append((str(final), self._count))
         self._writer = self._file = None
 
@@ -269,6 +270,4 @@ def _write_info(path: Path, report: ShardReport, src: Path) -> None:
         "classes": report.classes,
         "skipped": report.bad,
     }
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, path)
+    atomic.write_json(path, info, indent=1)

@@ -20,6 +20,8 @@ import logging
 
 import torch
 
+from evamim.dtypes import dtype_of
+
 _log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -39,7 +41,7 @@ class Precision:
             raise ValueError(f"unknown precision {kind!r}; choose one of {', '.join(PRECISIONS)}")
         self.kind = kind
         self.device_type = device_type
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
+        self.dtype = dtype_of(kind)
         self.scaler = (
             torch.amp.GradScaler(device_type, init_scale=FP16_INIT_SCALE, growth_interval=FP16_GROWTH_INTERVAL)
             if kind == "fp16"

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evamim import atomic
 from evamim.features.choices import FeatureRequest
 from evamim.features.extract import FeatureSet
 
@@ -86,9 +86,8 @@ def save_cache(features: FeatureSet, cache_dir: str | Path, tag: str, fingerprin
 
     tensor_path, json_path = cache_paths(cache_dir, tag, fingerprint)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = tensor_path.with_suffix(".safetensors.partial")
-    save_file(features.tensors(), str(partial), metadata={"fingerprint": fingerprint, "format": str(CACHE_FORMAT)})
-    os.replace(partial, tensor_path)
+    metadata = {"fingerprint": fingerprint, "format": str(CACHE_FORMAT)}
+    atomic.write_with(tensor_path, lambda tmp: save_file(features.tensors(), str(tmp), metadata=metadata))
     record = {
         "fingerprint": fingerprint,
         "format": CACHE_FORMAT,
@@ -98,9 +97,7 @@ def save_cache(features: FeatureSet, cache_dir: str | Path, tag: str, fingerprin
         **(about or {}),
         "paths": features.paths,
     }
-    partial_json = json_path.with_suffix(".json.partial")
-    partial_json.write_text(json.dumps(record) + "\n")
-    os.replace(partial_json, json_path)
+    atomic.write_json(json_path, record, indent=None)
     return tensor_path
 
 

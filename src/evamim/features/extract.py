@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from evamim.dtypes import dtype_of
 from evamim.engine.distributed import gather_to_main, get_rank, get_world_size
 from evamim.features.choices import FeatureRequest, blocks_of, compute_parts, parse_feature
 
@@ -116,7 +117,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return dtype_of(name)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

@@ -17,12 +17,12 @@ writes what matched and leaves the rest at initialisation, saying so in one line
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
+from evamim import atomic
 from evamim.flags import int_at_least
 from evamim.models.checkpoint import load_weights, save_pretrained
 from evamim.models.export import TIMM_KWARGS_NAME, timm_model_kwargs, to_open_clip_state_dict, to_timm_state_dict
@@ -116,7 +116,7 @@ def write_output(model: EvaViT, destination: str, to: str, kwargs: dict | None) 
     # No "config" entry in the metadata: that marks evamim's own files.
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "exported_by": f"evamim {__version__}",
                                                                "layout": to})
-    (directory / TIMM_KWARGS_NAME).write_text(json.dumps(kwargs, indent=2) + "\n")
+    atomic.write_json(directory / TIMM_KWARGS_NAME, kwargs)
     lines = [f"wrote {directory / WEIGHTS_NAME} ({to} layout, {len(state)} tensors) and {directory / TIMM_KWARGS_NAME}"]
     left_out = [name for name in ("mask_token", "lm_head.weight", "lm_head.bias") if name in model.state_dict()]
     if left_out:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evamim import atomic
 from evamim.models.vit import EvaViT, EvaViTConfig, feature_take_indices
 
 HEAD_KINDS = ("linear", "upernet")
@@ -265,7 +266,7 @@ def save_segmenter(model: Segmenter, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(directory / SEGMENTER_WEIGHTS))
-    (directory / SEGMENTER_CONFIG).write_text(json.dumps(model.describe(), indent=2) + "\n")
+    atomic.write_json(directory / SEGMENTER_CONFIG, model.describe())
     return directory
 
 

@@ -5,7 +5,6 @@ Conventions: logits (B, K); labels (B,) long; targets (B, K) probabilities; accu
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evamim import atomic
 from evamim.engine import Hook, Trainer, unwrap_model
 from evamim.engine.ema import ModelEma
 from evamim.tasks.common import format_table
@@ -148,7 +148,7 @@ class BestCheckpoints(Hook):
             from evamim.models.checkpoint import save_pretrained
 
             save_pretrained(model, directory)
-            (directory / "metrics.json").write_text(json.dumps(self.best[which], indent=2) + "\n")
+            atomic.write_json(directory / "metrics.json", self.best[which])
             logger.info("new best %s top-1 %.2f at step %d -> %s", which, record["top1"], step, directory)
 
     def state_dict(self) -> dict:

@@ -6,12 +6,13 @@ with a short table, so that a run directory always says what was run and what ca
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from evamim import atomic
 
 
 @dataclass
@@ -107,7 +108,7 @@ def write_results(output_dir: str | Path, config: Any, results: Mapping[str, Any
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.yaml")
     path = output_dir / "results.json"
-    path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    atomic.write_json(path, results, default=float)
     return path
 
 

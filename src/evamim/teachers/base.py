@@ -24,15 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evamim.dtypes import LONG_NAMES, PRECISIONS
 from evamim.teachers.errors import GridMismatchError, grid_text
 
 from evamim.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
+_DTYPES = {**PRECISIONS, **{long: PRECISIONS[short] for long, short in LONG_NAMES.items()}}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

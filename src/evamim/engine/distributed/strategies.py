@@ -27,13 +27,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from evamim.dtypes import PRECISIONS
 from evamim.engine.distributed.collectives import broadcast_module_state
 
 _log = logging.getLogger(__name__)
 
 STRATEGIES = ("ddp", "zero1", "fsdp")
 TEACHER_PLACEMENTS = ("replicate",)
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = PRECISIONS  # the one table (evamim.dtypes), under the name callers know
 
 
 @dataclass
