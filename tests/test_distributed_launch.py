@@ -143,7 +143,7 @@ def test_a_failed_torchrun_run_exits_with_its_error_not_an_abort(teacher_dir, tm
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
                           env={**env, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
-    printed = [line for line in done.stderr.splitlines() if line.startswith("evamim ")]
+    printed = [line for line in done.stderr.splitlines() if line.startswith("evamim pretrain:")]
     assert printed and all(line.startswith("evamim pretrain: none of the 1 checkpoints") for line in printed), \
         done.stdout + done.stderr[-3000:]
     root_cause = done.stderr.split("Root Cause")[-1]

@@ -319,6 +319,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     code, config, summary, rank = run_config_command("pretrain", PretrainConfig, run_pretrain, args,
                                                      dry_run_fn=dry_run)
-    if code == 0 and rank == 0 and summary is not None and not isinstance(summary, str):
-        print(f"done: {summary['steps']} steps, model saved to {Path(config.output_dir) / 'model'}")
+    if code == 0 and rank == 0:
+        validation = summary.get("validation")
+        scores = "".join(f", validation {name} {value:.4f}" for name, value in (validation or {}).items())
+        print(f"done: {summary['steps']} steps{scores}; model saved to {Path(config.output_dir) / 'model'}")
     return code

@@ -300,6 +300,8 @@ class _AllReducedEvaluation:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(0)  # the same images every time, from the first
         limit = getattr(self.evaluation, "max_batches", None)
+        # Known before the first forward: a process that runs out early keeps step with the others.
+        most = self._most_batches(loader, limit) if _is_sharded(model) else None
         sums: dict[str, torch.Tensor] = {}
         batches, last = 0, None
         for batch in loader:
@@ -307,11 +309,24 @@ class _AllReducedEvaluation:
                 break
             _add(sums, self.evaluation.score(model, batch))
             batches, last = batches + 1, batch
+        if most is not None:
+            self._replay(model, last, most - batches)
         names, totals = self._reduce(sums)
-        if _is_sharded(model):
-            self._replay(model, last, batches)
         self.last = self.evaluation.finalize(dict(zip(names, totals)))
         return self.last
+
+    @staticmethod
+    def _most_batches(loader: Iterable, limit: int | None) -> int:
+        """The largest number of validation batches of any process (a collective)."""
+        from evamim.engine.distributed import all_gather_object
+
+        try:
+            mine = len(loader)
+        except TypeError:
+            raise ValueError("evaluating a sharded (FSDP) model needs a validation set of known length "
+                             "(a folder, a list, or shards with shard-info files)") from None
+        mine = mine if limit is None else min(mine, limit)
+        return max(all_gather_object(mine))
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
         """Every process's sums added up (a collective); a process without a batch contributes zeros."""
@@ -337,14 +352,12 @@ class _AllReducedEvaluation:
             start += size
         return names, totals
 
-    def _replay(self, model: nn.Module, last: Any, batches: int) -> None:
-        from evamim.engine.distributed import all_gather_object
-
-        most = max(all_gather_object(batches))
-        if most > batches and last is None:
+    def _replay(self, model: nn.Module, last: Any, missing: int) -> None:
+        """Run the forwards this process lacks (on its last batch, results discarded)."""
+        if missing > 0 and last is None:
             raise ValueError("a process has no validation batch while the model is sharded (FSDP): the validation "
                              "set needs at least as many images as there are processes")
-        for _ in range(most - batches):
+        for _ in range(missing):
             self.evaluation.score(model, last)
 
 
