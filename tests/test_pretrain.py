@@ -124,6 +124,7 @@ def test_pretraining_on_a_folder_with_a_corrupt_file_skips_it(teacher_dir, tmp_p
         ("loop.grad_accum_steps=3", "not divisible by loop.grad_accum_steps 3"),
         ("model.name=eva_huge_p16", "not a preset"),
         ("objective=mae", "unknown"),
+        ("model.options.img_size=112", "model.options.img_size is set by this task: use data.image_size"),
         ("data.image_size=30", "not divisible by patch_size"),
         ("optim.warmup_steps=50 loop.total_steps=10 loop.epochs=null", "longer than the run"),
         ("data.source=folder data.path=/nonexistent/images", "data.path /nonexistent/images does not exist"),

@@ -90,6 +90,16 @@ def test_segment_dry_run_counts_the_training_images(tmp_path, capsys):
     assert not output.exists()
 
 
+def test_segment_dry_run_without_the_dataset_says_why_the_length_is_unknown(tmp_path, capsys):
+    out = dry_run(["segment", *segment_overrides(tmp_path / "nowhere", tmp_path / "run", "linear", 5)], capsys)
+    assert "data: size unknown" in out and "nowhere" in out and "5 steps" in out
+
+
+def test_segment_validation_split_has_one_name(tmp_path, capsys):
+    assert main(["segment", *segment_overrides(tmp_path, tmp_path / "run", "linear", 5), "data.val_split=val"]) == 2
+    assert "data.val_split" in capsys.readouterr().err
+
+
 def test_pretrain_dry_run_without_a_teacher(tmp_path, capsys):
     out = dry_run(["pretrain", "objective=pixel_mim", "model.name=eva_tiny_p16", "data.source=synthetic",
                    "data.image_size=32", "model.options={patch_size: 8}", "masking.min_num_patches=2", "batch_size=8",

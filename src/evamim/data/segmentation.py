@@ -61,7 +61,7 @@ class SegDataConfig:
     root: str = ""
     """Dataset root holding ``images/<split>/`` and ``annotations/<split>/`` (ADE20K: ADEChallengeData2016)."""
     train_split: str = "training"
-    val_split: str = "validation"
+    """The training split; the validation split is the task's ``val_data.split``."""
     num_classes: int = 150
     """K: label values 0..K-1 after ``reduce_zero_label`` (ADE20K: 150)."""
     reduce_zero_label: bool = True
@@ -92,8 +92,6 @@ class SegDataConfig:
     shuffle: bool = True
     seed: int = 0
     """Seed of the epoch order and of every sample's augmentation."""
-    val_limit: int | None = None
-    """Evaluate on the first N validation images only (quick checks); None = all."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     """Refuse images with more pixels than this (decompression-bomb guard, PIL's default)."""
     max_bad_fraction: float = DataConfig.max_bad_fraction
@@ -128,8 +126,6 @@ class SegDataConfig:
             raise ValueError(f"data.mean and data.std need 3 values, std > 0; got {self.mean}, {self.std}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.val_limit is not None and self.val_limit < 1:
-            raise ValueError(f"data.val_limit must be >= 1 or null, got {self.val_limit}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.bad_window < 0 or self.bad_min_samples < 0:
@@ -239,17 +235,20 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     }
 
 
-def build_seg_loader(cfg: SegDataConfig, purpose: str, batch_size: int = 1, *, rank: int = 0,
-                     world_size: int = 1) -> Loader:
+def build_seg_loader(cfg: SegDataConfig, purpose: str, batch_size: int = 1, *, split: str | None = None,
+                     limit: int | None = None, rank: int = 0, world_size: int = 1) -> Loader:
     """The training loader (``purpose='train'``: shuffled, augmented, full batches) or the evaluation loader
     (``'eval'``: stored order, one image per batch since image sizes differ, no padding of ranks).
+
+    ``split``: the folder under ``images/`` and ``annotations/`` (default ``cfg.train_split`` for training,
+    ``validation`` for evaluation); ``limit``: only the first that many images (quick checks).
 
     Both are ``evamim.data.loader.Loader``: iterate it for the rest of the current epoch, resume with
     ``state_dict()``/``load_state_dict()``, read the skipped pairs from ``bad_sample_totals()``.
     """
     cfg.validate()
     if purpose == "train":
-        pairs = ade20k_pairs(cfg.root, cfg.train_split)
+        pairs = ade20k_pairs(cfg.root, split or cfg.train_split)[:limit]
         dataset = SegmentationDataset(pairs, SegTrainTransform(cfg), cfg)
         if len(dataset) < batch_size * world_size:
             raise ValueError(f"{len(dataset)} training images cannot fill one batch of {batch_size} per process")
@@ -257,7 +256,9 @@ def build_seg_loader(cfg: SegDataConfig, purpose: str, batch_size: int = 1, *, r
     elif purpose == "eval":
         if batch_size != 1:
             raise ValueError(f"evaluation loads one image per batch (sizes differ), got batch_size={batch_size}")
-        pairs = ade20k_pairs(cfg.root, cfg.val_split)[: cfg.val_limit]
+        if limit is not None and limit < 1:
+            raise ValueError(f"the validation limit must be >= 1 or null, got {limit}")
+        pairs = ade20k_pairs(cfg.root, split or "validation")[:limit]
         dataset = SegmentationDataset(pairs, SegEvalTransform(cfg), cfg)
         options = dict(batch_size=1, shuffle=False, drop_last=False, pad=False)
     else:

@@ -17,8 +17,10 @@ _OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "lars": 4, "sgd": 4}
 
 
 def describe_run(config: Any, models: Mapping[str, nn.Module], lines: list[str], *,
-                 dataset_size: int | None = None) -> str:
-    """The dry-run report of a training task: ``lines`` (the task's own) then the common plan."""
+                 dataset: tuple[int | None, str] | None = None) -> str:
+    """The dry-run report of a training task: ``lines`` (the task's own) then the common plan. ``dataset``:
+    (training samples per epoch or None, where that comes from or why it is unknown); default: counted from
+    ``config.data`` (:func:`count_samples`)."""
     from evamim.tasks.batching import batch_plan, launch_world_size
 
     world = launch_world_size()
@@ -29,7 +31,7 @@ def describe_run(config: Any, models: Mapping[str, nn.Module], lines: list[str],
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         out.append(f"{name} parameters: {total:,} ({trained:,} trained)")
     out.append(f"batch: {plan.describe()}")
-    size, origin = (dataset_size, "given") if dataset_size is not None else count_samples(config.data)
+    size, origin = dataset if dataset is not None else count_samples(config.data)
     steps_per_epoch = None
     if size is not None:
         share = size // world  # every process takes the same number of samples

@@ -34,6 +34,16 @@ from evamim.tasks.runner import RunContext, TrainingParts, run_training
 logger = logging.getLogger(__name__)
 
 EVA_MASK_RATIO = 105 / 256  # EVA / BEiT: 105 of 256 patches on a 16x16 grid
+# EvaViTConfig fields the task sets from its own keys (or from the objective): model.options may not set them.
+TASK_OWNED_OPTIONS = {
+    "img_size": "data.image_size",
+    "drop_path_rate": "model.drop_path_rate",
+    "grad_checkpointing": "model.grad_checkpointing",
+    "use_mask_token": None,
+    "mim_head_dim": None,
+    "global_pool": None,
+    "num_classes": None,
+}
 
 
 @dataclass
@@ -107,7 +117,8 @@ def validate(config: PretrainConfig) -> None:
     from evamim.pretrain.objectives import list_objectives, objective_spec
     from evamim.teachers import check_teacher, parse_spec
 
-    problems = []
+    problems = [f"model.options.{key} is set by this task" + (f": use {owner} instead" if owner else "")
+                for key, owner in TASK_OWNED_OPTIONS.items() if key in config.model.options]
     if config.model.name not in list_models():
         problems.append(f"model.name {config.model.name!r} is not a preset; choose one of {list_models()}")
     if config.model.pretrained and not Path(config.model.pretrained).exists():

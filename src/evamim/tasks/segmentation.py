@@ -222,10 +222,8 @@ def build_segmenter(config: SegmentConfig) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------- the task
 def val_data_config(config: SegmentConfig) -> SegDataConfig:
-    """``data`` pointed at the validation split."""
-    val = config.val_data
-    return dataclasses.replace(config.data, root=val.path or config.data.root, val_split=val.split,
-                               val_limit=val.limit)
+    """``data`` pointed at the validation images' root (the split and limit are ``val_data``'s)."""
+    return dataclasses.replace(config.data, root=config.val_data.path or config.data.root)
 
 
 class SegmentTask:
@@ -244,7 +242,11 @@ class SegmentTask:
         shares = dict(rank=context.rank, world_size=context.world_size)
         try:
             loader = build_seg_loader(config.data, "train", context.batch_size, **shares)
-            val_loader = build_seg_loader(val_data_config(config), "eval", **shares) if config.eval.enabled else None
+            val_loader = None
+            if config.eval.enabled:
+                val = config.val_data
+                val_loader = build_seg_loader(val_data_config(config), "eval", split=val.split, limit=val.limit,
+                                              **shares)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data: {error}") from None
         model = build_segmenter(config).to(context.device)
@@ -306,16 +308,18 @@ def dry_run(config: SegmentConfig) -> str:
     lines = [f"segmenter: {head.kind} head on blocks {model.indices}, {config.data.num_classes} classes, "
              f"{config.data.crop_size} px crops ({vit.grid_size[0]}x{vit.grid_size[1]} patches)",
              f"validation: {(config.val_data.path or config.data.root) + '/' + config.val_data.split if config.eval.enabled else 'off'}"]
-    return describe_run(config, {"segmenter": model}, lines, dataset_size=_train_images(config))
+    return describe_run(config, {"segmenter": model}, lines, dataset=_train_images(config))
 
 
-def _train_images(config: SegmentConfig) -> int | None:
+def _train_images(config: SegmentConfig) -> tuple[int | None, str]:
+    """(training images, where) or (None, why they cannot be counted)."""
+    from evamim.data.segmentation import ade20k_pairs
+
+    where = f"{config.data.root}/images/{config.data.train_split}"
     try:
-        from evamim.data.segmentation import ade20k_pairs
-
-        return len(ade20k_pairs(config.data.root, config.data.train_split))
-    except (FileNotFoundError, ValueError, OSError):
-        return None
+        return len(ade20k_pairs(config.data.root, config.data.train_split)), where
+    except (FileNotFoundError, ValueError, OSError) as error:
+        return None, str(error)
 
 
 def results_table(results: Mapping[str, Any]) -> str:
