@@ -109,6 +109,24 @@ def test_finetune_transform_is_timm_randaug_with_erasing(photo):
     assert not torch.allclose(outputs[0], outputs[1])
 
 
+def test_finetune_augmentation_depends_on_the_sample_rng_alone(photo):
+    """Crop, flip, RandAugment's ops and magnitudes, erasing: all drawn from the sample's own generator, so an
+    image is augmented alike in any worker, process or resumed run; the global generators are left as they were."""
+    import random
+
+    import numpy as np
+
+    transform = FinetuneTransform(size=32, auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25)
+    first = transform(photo, np.random.default_rng(7))
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)  # other global states: no influence
+    state = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    assert torch.equal(transform(photo, np.random.default_rng(7)), first)
+    assert random.getstate() == state[0] and np.array_equal(np.random.get_state()[1], state[1])
+    assert torch.equal(torch.get_rng_state(), state[2])
+    others = [transform(photo, np.random.default_rng(seed)) for seed in range(8, 12)]
+    assert not any(torch.equal(other, first) for other in others)
+
+
 def test_mixup_makes_soft_targets_that_sum_to_one():
     torch.manual_seed(0)
     images = torch.randn(6, 3, 8, 8)

@@ -74,15 +74,18 @@ class FinetuneTransform(ImageTransform):
             return self.timm_transform(image)
         import random
 
+        # timm draws from all three global generators (RandAugment picks its ops with NumPy's).
         seed = int(rng.integers(2**63))
-        saved = random.getstate()
+        saved_python, saved_numpy = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
                 random.seed(seed)
-                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+                torch.default_generator.manual_seed(seed)  # the CPU generator only: cheap, and fork_rng restores it
                 return self.timm_transform(image)
         finally:
-            random.setstate(saved)
+            random.setstate(saved_python)
+            np.random.set_state(saved_numpy)
 
     def __repr__(self) -> str:
         return f"FinetuneTransform({self.timm_transform!r})"
