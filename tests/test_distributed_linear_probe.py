@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from distributed_fixtures import WORLD, OneThread, gloo_group, losses, max_difference
 from evamim.config import load_config
-from evamim.engine import Hook
 from evamim.tasks.linear_probe import LinearProbeConfig, run_linear_probe
 from test_knn import TINY
+from test_pretrain import CrashAtStep
 
 GLOBAL_BATCH = 8
 TOLERANCE = 1e-6
@@ -58,15 +58,6 @@ def probe_config(data: Path, output_dir: Path, world: int, *extra: str) -> Linea
         "checkpoint.every=2", *extra,
     ]
     return load_config(LinearProbeConfig, None, overrides)
-
-
-class CrashAtStep(Hook):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, metrics, skipped):
-        if trainer.step >= self.step:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def _worker(rank: int, tmp: str) -> None:

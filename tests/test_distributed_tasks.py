@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 
 from distributed_fixtures import WORLD, OneThread, exported_weights, gloo_group, losses, max_difference
 from evamim.config import load_config
-from evamim.engine import Hook
 from evamim.tasks.finetune import FinetuneConfig, run_finetune
 from evamim.tasks.segmentation import SegmentConfig, run_segmentation
 from test_finetune import tiny_overrides as finetune_overrides
+from test_pretrain import CrashAtStep
 from test_segmentation import tiny_overrides as segment_overrides
 from test_segmentation import write_ade20k
 
@@ -44,15 +44,6 @@ def finetune_config(output_dir: Path, world: int, *extra: str) -> FinetuneConfig
         "checkpoint.every=2",
     ]
     return load_config(FinetuneConfig, None, overrides)
-
-
-class CrashAtStep(Hook):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, metrics, skipped):
-        if trainer.step >= self.step:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def _finetune_worker(rank: int, tmp: str) -> None:

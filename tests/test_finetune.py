@@ -12,10 +12,11 @@ from torch import nn
 import evamim
 from evamim.cli import main
 from evamim.config import ConfigError, load_config
-from evamim.engine import Hook, OptimConfig, build_optimizer
+from evamim.engine import OptimConfig, build_optimizer
 from evamim.engine.ema import ModelEma
 from evamim.models.resample import resample_pos_embed
 from evamim.tasks.finetune import FinetuneConfig, build_model, run_finetune, soft_target_cross_entropy, validate
+from test_pretrain import CrashAtStep
 
 TINY = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)
 
@@ -313,17 +314,6 @@ def test_the_paper_recipe_is_evas_in1k_336_setting():
     assert config.data.auto_augment == "rand-m9-mstd0.5-inc1"
     assert config.data.mixup_alpha == 0 and config.data.cutmix_alpha == 0 and config.ema.decay == 0.9999
     assert config.head.init_scale == 0.001 and config.head.global_pool == "avg"
-
-
-class CrashAtStep(Hook):
-    """Simulates a process killed mid-run: raises after ``step`` optimizer steps."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, metrics, skipped):
-        if trainer.step >= self.step:
-            raise KeyboardInterrupt("simulated crash")
 
 
 @pytest.mark.slow

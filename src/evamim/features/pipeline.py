@@ -42,6 +42,22 @@ def check_model_and_data(model: Any, data: Any, precision: str, problems: list[s
         problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
+def backbone_for_features(config: Any, device: torch.device) -> tuple[nn.Module, FeatureRequest, torch.dtype]:
+    """(frozen backbone, what to extract for ``config.features``, autocast dtype) of a feature task's config
+    (``model``, ``data.image_size``, ``features``, ``precision``, ``seed``); a ConfigError says what is wrong."""
+    from evamim.config import ConfigError
+    from evamim.features.extract import resolve_precision
+
+    try:
+        dtype = resolve_precision(config.precision, device)
+        model = prepare_backbone(config.model, config.data.image_size, device, config.seed)
+        request = FeatureRequest.for_features(config.features)
+        request.check(model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return model, request, dtype
+
+
 def prepare_backbone(section: Any, image_size: int, device: torch.device, seed: int) -> nn.Module:
     """Load the backbone a task's ``model.*`` section names (random init drawn from ``seed``), frozen, in
     eval mode, on ``device``.

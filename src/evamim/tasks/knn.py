@@ -29,9 +29,13 @@ import torch.nn.functional as F
 from evamim.config import ConfigError
 from evamim.data.config import DataConfig
 from evamim.engine.distributed import is_main_process
-from evamim.features.choices import FeatureRequest, check_features
-from evamim.features.extract import resolve_precision
-from evamim.features.pipeline import check_model_and_data, prepare_backbone, resolve_cache_dir, train_val_features
+from evamim.features.choices import check_features
+from evamim.features.pipeline import (
+    backbone_for_features,
+    check_model_and_data,
+    resolve_cache_dir,
+    train_val_features,
+)
 from evamim.features.val_data import ValDataSection, class_problems
 from evamim.tasks.command import add_config_arguments, run_config_command
 from evamim.tasks.common import ModelSection, format_table, output_dirs_problems, write_results
@@ -166,13 +170,7 @@ def run_knn(config: KnnConfig) -> dict[str, Any] | None:
 
 
 def _run(config: KnnConfig, device: torch.device) -> dict[str, Any] | None:
-    try:
-        dtype = resolve_precision(config.precision, device)
-        model = prepare_backbone(config.model, config.data.image_size, device, config.seed)
-        request = FeatureRequest.for_features(config.features)
-        request.check(model)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    model, request, dtype = backbone_for_features(config, device)
     cache_dir = resolve_cache_dir(config.cache, config.cache_dir, config.output_dir)
     train, val, cache = train_val_features(
         model, config.data, config.val_data, request, device=device, dtype=dtype,

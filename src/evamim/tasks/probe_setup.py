@@ -14,8 +14,8 @@ from torch import nn
 
 from evamim.config import ConfigError
 from evamim.features.choices import FeatureRequest, feature_dim
-from evamim.features.extract import FeatureSet, resolve_precision
-from evamim.features.pipeline import features_for, prepare_backbone, resolve_cache_dir, train_val_features
+from evamim.features.extract import FeatureSet
+from evamim.features.pipeline import backbone_for_features, features_for, resolve_cache_dir, train_val_features
 from evamim.features.val_data import val_data_config
 from evamim.tasks.probe_heads import FeatureTable, ProbeHeads, build_grid, make_heads, probe_param_groups, save_head
 from evamim.tasks.probe_train import (
@@ -122,14 +122,7 @@ def _features(config: LinearProbeConfig, context: RunContext, backbone: nn.Modul
 
 
 def _backbone(config: LinearProbeConfig, device: torch.device) -> tuple[nn.Module, FeatureRequest, torch.dtype]:
-    try:
-        dtype = resolve_precision(config.precision, device)
-        model = prepare_backbone(config.model, config.data.image_size, device, config.seed)
-        request = FeatureRequest.for_features(config.features)
-        request.check(model)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    return model, request, dtype
+    return backbone_for_features(config, device)
 
 
 def _num_classes(config: LinearProbeConfig, train: FeatureSet | None, val: FeatureSet, loader: Any) -> int:
