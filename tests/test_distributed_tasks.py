@@ -120,3 +120,40 @@ def test_segmentation_on_two_processes_matches_one_process(tmp_path):
     a, b = (load_file(str(tmp_path / run / "model" / "segmenter.safetensors")) for run in ("ddp", "one"))
     worst = max(a, key=lambda k: float((a[k].float() - b[k].float()).abs().max()))
     assert max_difference(a, b) < 5 * SEGMENT_TOLERANCE, worst  # running statistics too: the same on every process
+
+
+# ------------------------------------------------------------------------------------------------- CLIP
+def clip_config(output_dir: Path, world: int):
+    """The tiny CLIP of test_clip_train; the contrastive loss compares each image with all 16 captions."""
+    from evamim.tasks.clip import ClipTrainConfig
+    from test_clip_train import tiny_overrides as clip_overrides
+
+    overrides = clip_overrides(output_dir, STEPS, f"batch_size={16 // world}", "loop.eval_every=2",
+                               "checkpoint.every=2")
+    return load_config(ClipTrainConfig, None, overrides)
+
+
+def _clip_worker(rank: int, tmp: str) -> None:
+    from evamim.tasks.clip import run_clip
+
+    with gloo_group(rank, f"{tmp}/rendezvous"):
+        run_clip(clip_config(Path(tmp) / "ddp", WORLD))
+
+
+@pytest.mark.slow  # ~15 s on 2 cores
+def test_clip_on_two_processes_with_gathered_features_matches_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    from evamim.tasks.clip import run_clip
+
+    with OneThread():
+        run_clip(clip_config(tmp_path / "one", 1))
+    mp.spawn(_clip_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    reference = losses(tmp_path / "one")
+    assert len(reference) == STEPS
+    assert losses(tmp_path / "ddp") == pytest.approx(reference, abs=TOLERANCE)
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("ddp", "one"))
+    # AdamW turns the summation-order rounding of near-zero gradients into small steps: ~1e-6 after 4 steps.
+    assert max_difference(a, b) < 5 * TOLERANCE
+    ours, theirs = summary(tmp_path / "ddp")["validation"], summary(tmp_path / "one")["validation"]
+    assert ours == pytest.approx(theirs, abs=1e-4)

@@ -23,6 +23,8 @@ _LAZY = {
     "create_teacher": "evamim.teachers",
     "BlockMasking": "evamim.pretrain.masking",
     "RandomMasking": "evamim.pretrain.masking",
+    "EvaClip": "evamim.clip.model",
+    "ClipConfig": "evamim.clip.config",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

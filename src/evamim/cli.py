@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("evamim.tasks.finetune", "full fine-tuning with layer decay, mixup/cutmix and EMA"),
     "segment": ("evamim.tasks.segmentation", "semantic segmentation (ADE20K layout): linear or UPerNet head"),
     "embed": ("evamim.tasks.embed", "extract embeddings of a folder, list or shards to .npy/.safetensors"),
+    "clip": ("evamim.tasks.clip", "EVA-CLIP: contrastive image-text training with zero-shot evaluation"),
     "list": ("evamim.tasks.listing", "list models, teachers, objectives or recipes"),
 }
 

@@ -222,7 +222,7 @@ def read_config(source: str | os.PathLike) -> EvaViTConfig:
                 f"{path} has no {CONFIG_NAME}: it is not an evamim model directory. Pass a model name too, "
                 f"e.g. create_model('eva_base_p16', pretrained='{path}')"
             )
-        return EvaViTConfig.from_dict(json.loads(config_path.read_text()))
+        return EvaViTConfig.from_dict(_vision_values(json.loads(config_path.read_text())))
     if path.suffix == ".safetensors":
         values = safetensors_config(path)
         if values is not None:
@@ -231,6 +231,11 @@ def read_config(source: str | os.PathLike) -> EvaViTConfig:
         f"cannot tell the architecture of {path}: only evamim directories / .safetensors files carry a config. "
         f"Pass a model name, e.g. create_model('eva_giant_p14', pretrained='{path}')"
     )
+
+
+def _vision_values(values: dict) -> dict:
+    """An EvaViT config dict; for a saved EvaClip (``evamim.clip``) that of its vision trunk."""
+    return values["vision"] if values.get("kind") == "clip" else values
 
 
 def load_pretrained(source: str | os.PathLike, **overrides: Any) -> EvaViT:

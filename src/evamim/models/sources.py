@@ -98,6 +98,8 @@ def read_source(
             raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (it holds: {contents})")
         if (path / CONFIG_NAME).exists():
             config = json.loads((path / CONFIG_NAME).read_text())
+            if config.get("kind") == "clip":  # a saved EvaClip (evamim.clip): its vision trunk's config
+                config = config["vision"]
             return SourceWeights(_load_safetensors(weights), config=config, config_origin=str(path / CONFIG_NAME),
                                  kind="evamim")
         path = weights

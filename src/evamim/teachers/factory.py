@@ -102,7 +102,8 @@ def create_teacher(
         ``open_clip:MODEL/PRETRAINED``  PRETRAINED = open_clip tag or weights file (EVA-01: ViT-L-14-quickgelu/openai)
         ``hf:MODEL_ID_OR_DIR``          transformers CLIPVisionModelWithProjection
         ``timm:MODEL[.TAG][/FILE]``     any timm ViT-family model
-        ``local:DIR``                   an evamim model directory
+        ``local:DIR``                   an evamim model directory, or a saved EvaClip (targets projected to its
+                                        joint embedding, ``ln_post(tokens) @ proj`` like open_clip teachers)
 
     Args:
         student_mean, student_std: the normalisation of the images the teacher will be given.

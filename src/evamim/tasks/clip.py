@@ -1,0 +1,301 @@
+"""``evamim clip``: contrastive image-text training of an EVA-CLIP (``evamim.clip.EvaClip``) on the task runner.
+
+config -> an EvaClip: the vision tower (any evamim preset) initialised from ``model.pretrained`` (an EVA MIM
+checkpoint, an evamim / timm / open_clip / EVA-CLIP file, loaded strictly) or at random, open_clip's text tower,
+a learnable logit scale -> image-caption pairs (``data.captions``: shards with ``txt``/``json``, a list, or the
+synthetic captioned images) -> CLIP's contrastive loss over the global batch, features gathered across processes
+with their gradients (``evamim.clip.loss``) -> AdamW with layer decay on the vision tower and its own lr / weight
+decay for the text tower and the logit scale (clamped to [0, ln 100] after every step, as open_clip does) ->
+zero-shot top-1 / top-5 on ``val_data`` (labelled images; class names from the data, prompts from the templates).
+
+Runs on the runner (``evamim.tasks.runner``): one process or many (ddp or zero1), checkpoints, exact resume,
+``summary.json``. The trained model is exported to ``output_dir/model`` (``evamim.clip.load_clip``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from evamim.config import ConfigError
+from evamim.data.config import DataConfig
+from evamim.engine import CheckpointConfig, Hook, LoopConfig, OptimConfig, unwrap_model
+from evamim.engine.distributed import DistributedConfig
+from evamim.tasks.command import add_config_arguments, run_config_command
+from evamim.tasks.common import ValidationData, training_run_problems
+from evamim.tasks.runner import RunContext, TrainingParts, run_training
+
+logger = logging.getLogger(__name__)
+
+# EvaViTConfig fields the task sets (the tower's head is the CLIP projection; the image size is the data's).
+TASK_OWNED_OPTIONS = {"img_size": "data.image_size", "drop_path_rate": "model.drop_path_rate",
+                      "grad_checkpointing": "model.grad_checkpointing", "global_pool": "model.pool",
+                      "num_classes": "model.embed_dim", "mim_head_dim": None, "use_mask_token": None}
+
+
+@dataclass
+class ClipModelSection:
+    """``model.*``: the CLIP to train."""
+
+    name: str = "eva_base_p16"
+    """The vision tower's preset (``evamim list models``)."""
+    pretrained: str | None = None
+    """Initial vision-tower weights (EVA MIM, evamim, timm, open_clip / EVA-CLIP); None = random init."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Other EvaViTConfig fields of the vision tower."""
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    pool: str = "token"
+    """``token`` (open_clip's EVA towers) or ``avg``."""
+    embed_dim: int = 512
+    """Width of the joint embedding."""
+    text: dict[str, Any] = field(default_factory=lambda: {"context_length": 77, "width": 512, "heads": 8,
+                                                          "layers": 12})
+    """open_clip ``text_cfg`` fields of the text tower."""
+
+
+@dataclass
+class TextOptimSection:
+    """The text tower's and the logit scale's own learning rate and weight decay (the schedule is shared)."""
+
+    lr: float | None = None
+    """None = ``optim.lr``."""
+    weight_decay: float | None = None
+    """None = ``optim.weight_decay`` (1-D parameters, embeddings and ``logit_scale`` are never decayed)."""
+
+
+@dataclass
+class ClipEvalSection:
+    """Zero-shot classification on ``val_data`` every ``loop.eval_every`` steps and at the end."""
+
+    templates: str | None = None
+    """A file of prompt templates, one per line with ``{}`` for the class name; None = OpenAI's 80 ImageNet ones."""
+    class_names: str | None = None
+    """A file of class names (one per line in label order, or a JSON {folder: name} map); None = the folder names."""
+    batch_size: int | None = None
+    """Images per evaluation batch (per process); None = the training micro-batch."""
+    max_batches: int | None = None
+
+
+@dataclass
+class ClipTrainConfig:
+    """Defaults: a ViT-B/16 EVA-CLIP at small scale; the recipes (``evamim list recipes``) hold the deltas."""
+
+    model: ClipModelSection = field(default_factory=ClipModelSection)
+    data: DataConfig = field(default_factory=lambda: DataConfig(captions=True, crop_scale=(0.9, 1.0)))
+    val_data: ValidationData = field(default_factory=ValidationData)
+    """Labelled images for zero-shot evaluation (a class-folder tree, or ``source=synthetic``); none = no evaluation."""
+    eval: ClipEvalSection = field(default_factory=ClipEvalSection)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        lr=5e-4, min_lr=0.0, warmup_steps=2000, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, layer_decay=None))
+    text_optim: TextOptimSection = field(default_factory=TextOptimSection)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=32))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    batch_size: int = 256
+    """Pairs per process and optimizer step; with ``global_batch_size`` set: per forward (see tasks/batching.py).
+    The contrastive loss compares each image with the captions of the whole global batch."""
+    global_batch_size: int | None = None
+    output_dir: str = "runs/clip"
+    seed: int = 0
+    device: str = "auto"
+
+
+# ------------------------------------------------------------------------------------------- validation
+def clip_config(config: ClipTrainConfig):
+    """The ``evamim.clip.ClipConfig`` of the run (a ValueError says what is wrong)."""
+    from evamim.clip.config import ClipConfig
+    from evamim.models.presets import model_config
+
+    model = config.model
+    vision = model_config(model.name, **{**model.options, "img_size": config.data.image_size,
+                                         "drop_path_rate": model.drop_path_rate,
+                                         "grad_checkpointing": model.grad_checkpointing})
+    return ClipConfig(vision=vision, pool=model.pool, embed_dim=model.embed_dim, text=dict(model.text))
+
+
+def validate(config: ClipTrainConfig) -> None:
+    from evamim.models.presets import list_models
+
+    model = config.model
+    problems = [f"model.options.{key} is set by this task" + (f": use {owner} instead" if owner else "")
+                for key, owner in TASK_OWNED_OPTIONS.items() if key in model.options]
+    if model.name not in list_models():
+        problems.append(f"model.name {model.name!r} is not a preset; choose one of {list_models()}")
+    if model.pretrained is not None and not Path(model.pretrained).exists():
+        problems.append(f"model.pretrained {model.pretrained} does not exist: give the vision tower's weights")
+    if not config.data.captions:
+        problems.append("CLIP training needs captions: set data.captions=true")
+    if config.data.labels:
+        problems.append("data.labels=true: the training pairs are images and captions; labels belong to val_data")
+    problems += config.val_data.problems(config.data)
+    if config.distributed.strategy == "fsdp":
+        problems.append("distributed.strategy=fsdp is not available for clip yet: the zero-shot evaluation calls the "
+                        "towers outside the model's forward, where FSDP would not gather their weights; use ddp or "
+                        "zero1")
+    for key in ("lr", "weight_decay"):
+        value = getattr(config.text_optim, key)
+        if value is not None and value < 0:
+            problems.append(f"text_optim.{key} must be >= 0 or null, got {value}")
+    for key in ("templates", "class_names"):
+        path = getattr(config.eval, key)
+        if path is not None and not Path(path).is_file():
+            problems.append(f"eval.{key} {path} is not a file")
+    problems += training_run_problems(config)
+    if not problems:
+        try:
+            clip_config(config)
+        except ValueError as error:
+            problems.append(f"model: {error}")
+    if problems:
+        raise ConfigError("invalid CLIP config:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------ the step
+class ClipStep:
+    """``(model, batch) -> contrastive loss and metrics``: captions are tokenized here, on the fly."""
+
+    def __init__(self, tokenizer, device: torch.device):
+        self.tokenizer = tokenizer
+        self.device = device
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        from evamim.clip.loss import contrastive_loss
+
+        images = batch["images"].to(self.device, non_blocking=True)
+        tokens = self.tokenizer(list(batch["captions"])).to(self.device, non_blocking=True)
+        output = model(images, tokens)
+        return contrastive_loss(output["image_features"], output["text_features"], output["logit_scale"])
+
+
+class ClampLogitScale(Hook):
+    """open_clip's rule after every optimizer step: ``logit_scale`` (log of 1 / temperature) into [0, ln 100]."""
+
+    def on_step_end(self, trainer, metrics, skipped: bool) -> None:
+        unwrap_model(trainer.model).clamp_logit_scale_()
+
+
+def param_groups(model: nn.Module, config: ClipTrainConfig) -> list[dict]:
+    """The vision tower's weight-decay and layer-decay groups, then the text tower's and the logit scale's with
+    their own lr (as ``lr_scale`` of the shared schedule) and weight decay."""
+    from evamim.engine.optim import param_groups as decay_groups
+
+    optim, text = config.optim, config.text_optim
+    groups = decay_groups(model.visual.trunk, optim.weight_decay, layer_decay=optim.layer_decay)
+    for group in groups:  # names as in the model's state dict
+        group["param_names"] = [f"visual.trunk.{name}" for name in group["param_names"]]
+    text_scale = 1.0 if text.lr is None else text.lr / optim.lr
+    text_decay = optim.weight_decay if text.weight_decay is None else text.weight_decay
+    skip = model.no_weight_decay()
+    named = [(f"text.{name}", p) for name, p in model.text.named_parameters() if p.requires_grad]
+    decayed = [(name, p) for name, p in named if p.ndim > 1 and name not in skip]
+    plain = [(name, p) for name, p in named if p.ndim <= 1 or name in skip] + [("logit_scale", model.logit_scale)]
+    for members, decay in ((decayed, text_decay), (plain, 0.0)):
+        groups.append({"params": [p for _, p in members], "param_names": [n for n, _ in members],
+                       "weight_decay": decay, "lr_scale": text_scale, "wd_scale": 1.0 if decay else 0.0})
+    return [group for group in groups if group["params"]]
+
+
+# ------------------------------------------------------------------------------------------------ the task
+class ClipTask:
+    name = "clip"
+
+    def validate(self, config: ClipTrainConfig) -> None:
+        validate(config)
+
+    def build(self, config: ClipTrainConfig, context: RunContext) -> TrainingParts:
+        from evamim.clip.checkpoint import load_vision, save_clip
+        from evamim.clip.model import EvaClip
+        from evamim.data.loader import build_loader
+
+        model = EvaClip(clip_config(config))
+        if config.model.pretrained:
+            report = load_vision(model, config.model.pretrained)
+            logger.info("vision tower: %s", report)
+        model = model.to(context.device)
+        tokenizer = model.tokenizer()
+        try:
+            loader = build_loader(config.data, batch_size=context.batch_size, purpose="pretrain")
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"data: {error}") from None
+        return TrainingParts(
+            model=model,
+            step=ClipStep(tokenizer, context.device),
+            data=loader,
+            param_groups=param_groups(model, config),
+                    evaluation=self._evaluation(config, context, tokenizer),
+            hooks=[ClampLogitScale()],
+            export=lambda full, out: {"model_dir": str(save_clip(full, out / "model"))},
+        )
+
+    @staticmethod
+    def _evaluation(config: ClipTrainConfig, context: RunContext, tokenizer):
+        from evamim.clip.templates import OPENAI_IMAGENET_TEMPLATES, folder_class_names, load_templates
+        from evamim.clip.zeroshot import ZeroShotEvaluation
+        from evamim.data.loader import build_loader
+
+        if not config.val_data.given:
+            return None
+        data = dataclasses.replace(config.val_data.data_config(config.data), labels=True, captions=False)
+        micro = context.batch_size // context.grad_accum_steps
+        try:
+            loader = build_loader(data, batch_size=config.eval.batch_size or micro, purpose="eval")
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"val_data: {error}") from None
+        try:
+            names = folder_class_names(_data_classes(loader), config.eval.class_names)
+            templates = load_templates(config.eval.templates) if config.eval.templates else OPENAI_IMAGENET_TEMPLATES
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"eval: {error}") from None
+        return ZeroShotEvaluation(loader, names, tokenizer, device=context.device, templates=templates,
+                                  max_batches=config.eval.max_batches)
+
+    def results(self, config: ClipTrainConfig, result: Any, parts: TrainingParts) -> dict[str, Any]:
+        return {"vision": config.model.name, "vision_init": config.model.pretrained or "random"}
+
+
+def _data_classes(loader) -> list[str]:
+    classes = getattr(getattr(loader.dataset, "source", None), "classes", None)
+    if not classes:
+        raise ConfigError("the validation data names no classes (shards, lists): give eval.class_names")
+    return [str(name) for name in classes]
+
+
+def run_clip(config: ClipTrainConfig, hooks: tuple = ()) -> dict[str, Any]:
+    """Train and write the output directory (see the module docstring); returns the summary."""
+    return run_training(ClipTask(), config, hooks)
+
+
+def dry_run(config: ClipTrainConfig) -> str:
+    from evamim.clip.model import EvaClip
+    from evamim.tasks.plan import describe_run
+
+    validate(config)
+    settings = clip_config(config)
+    with torch.device("meta"):
+        model = EvaClip(settings)
+    lines = [f"EVA-CLIP: vision {config.model.name} ({config.model.pretrained or 'random init'}), "
+             f"{config.model.pool} pooling, text {settings.text['width']}x{settings.text['layers']}, "
+             f"joint embedding {settings.embed_dim}",
+             f"zero-shot: {config.val_data.path or config.val_data.source if config.val_data.given else 'off'}"]
+    return describe_run(config, {"clip": model}, lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, None, "model.pretrained=runs/pretrain/model data.path='/data/cc/{000000..000099}.tar' "
+                                       "val_data.path=/data/imagenet/val")
+
+
+def run(args: argparse.Namespace) -> int:
+    code, config, summary, rank = run_config_command("clip", ClipTrainConfig, run_clip, args, dry_run_fn=dry_run)
+    if code == 0 and rank == 0:
+        scores = "".join(f", {name} {value:.2f}" for name, value in (summary.get("validation") or {}).items())
+        print(f"done: {summary['steps']} steps{scores}; model saved to {Path(config.output_dir) / 'model'}")
+    return code
