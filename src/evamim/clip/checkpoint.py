@@ -18,19 +18,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from evamim import atomic
 from evamim.clip.config import ClipConfig
 from evamim.clip.model import EvaClip
+from evamim.models.checkpoint import summarise
 from evamim.models.sources import CONFIG_NAME, WEIGHTS_NAME
 
 CLIP_KIND = "clip"
-
-
-def summarise(names, limit: int = 4) -> str:
-    """'a, b, c, d and 196 more': a long key list in one short phrase."""
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def fit_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any]) -> str:
@@ -66,26 +59,11 @@ def save_clip(model: EvaClip, directory: str | os.PathLike) -> Path:
     Refuses (NonFiniteWeightsError, nothing written) a model with NaN or infinite weights, as
     ``evamim.save_pretrained`` does.
     """
-    from safetensors.torch import save_file
+    from evamim.models.checkpoint import write_model_directory
 
-    from evamim import __version__
-    from evamim.models.checkpoint import NonFiniteWeightsError
-
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if nonfinite:
-        raise NonFiniteWeightsError(
-            f"refused to save {directory}: {len(nonfinite)} of {len(state)} tensors hold NaN or infinite values "
-            f"({summarise(nonfinite)}); the run diverged or its weights were corrupted: export from its last "
-            f"healthy checkpoint instead")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps({"kind": CLIP_KIND, **model.config.to_dict()}, indent=2)
-    metadata = {"format": "pt", "evamim_version": __version__, "kind": CLIP_KIND, "clip_config": config_json}
-    # Weights first, config last (both atomic): a directory with a config always has its weights.
-    atomic.write_with(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-    atomic.write_text(directory / CONFIG_NAME, config_json + "\n")
-    return directory
+    # The metadata key is not "config": evamim's readers would take it for an EvaViT's.
+    return write_model_directory(model, directory, config_json, {"kind": CLIP_KIND, "clip_config": config_json})
 
 
 def _config_values(directory: Path) -> dict | None:

@@ -111,11 +111,7 @@ def decode_image_and_format(
     """Like ``decode_image``, also returning the file's format as PIL names it ("JPEG", "PNG" ...)
     and its stored (width, height), which a JPEG draft may have reduced in the returned image."""
     with _untrusted_bytes():
-        raw = source if isinstance(source, bytes) else _read(source)
-        if not raw:
-            raise BadSample("empty file (0 bytes)")
-        with _pixel_limit(max_pixels):
-            image = Image.open(io.BytesIO(raw))
+        image = _open(source, max_pixels)
         file_format = str(image.format)
         width, height = image.size
     if width * height > max_pixels:
@@ -135,13 +131,20 @@ def load_untrusted(source: str | os.PathLike | bytes, *, max_pixels: int) -> Ima
     """A path or encoded bytes as a fully loaded PIL image in its stored mode (no conversion: a
     segmentation label keeps its class indices). Raises ``BadSample`` like ``decode_image``."""
     with _untrusted_bytes():
-        raw = source if isinstance(source, bytes) else _read(source)
-        if not raw:
-            raise BadSample("empty file (0 bytes)")
+        image = _open(source, max_pixels)
         with _pixel_limit(max_pixels):
-            image = Image.open(io.BytesIO(raw))
             image.load()
     return image
+
+
+def _open(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
+    """The lazily opened image of a path or encoded bytes (header read, pixels not yet decoded); call inside
+    ``_untrusted_bytes()``. An empty file is a BadSample."""
+    raw = source if isinstance(source, bytes) else _read(source)
+    if not raw:
+        raise BadSample("empty file (0 bytes)")
+    with _pixel_limit(max_pixels):
+        return Image.open(io.BytesIO(raw))
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from evamim.engine.loop import Hook
+from evamim.engine.loop.parallel import full_tensor
 from evamim.engine.modules import unwrap_model
 
 
@@ -72,7 +73,9 @@ class ModelEma(Hook):
                 raise RuntimeError(f"EMA parameter {name!r} does not line up with the model's {source_name!r}")
             if ema_param.dtype.is_floating_point:
                 ema_params.append(ema_param)
-                params.append(_full(param.detach()).to(ema_param.dtype))
+                # An FSDP-sharded parameter is gathered whole (a collective: every process updates its EMA in
+                # the same order); the EMA copy is a plain module, whole on every process.
+                params.append(full_tensor(param.detach()).to(ema_param.dtype))
             else:
                 ema_param.copy_(param)
         if ema_params:
@@ -105,13 +108,6 @@ class ModelEma(Hook):
         self.num_updates = int(state["num_updates"])
         self.step = int(state["step"])
         # The configured decay wins over the saved one: changing it on resume is a legitimate choice.
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP-sharded parameter (a collective: every process updates its EMA in the same
-    order), the tensor itself otherwise. The EMA copy is a plain module, whole on every process."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else tensor
 
 
 __all__ = ["EmaConfig", "ModelEma"]

@@ -80,7 +80,7 @@ class WeightsMismatchError(ValueError):
         self.report = report
 
 
-def _summarise(names: Sequence[str], limit: int = 4) -> str:
+def summarise(names: Sequence[str], limit: int = 4) -> str:
     """'a, b, c, d and 196 more': a long key list in one short phrase."""
     names = list(names)
     shown = ", ".join(names[:limit])
@@ -149,9 +149,9 @@ class LoadReport:
             if self.missing:
                 kinds.append(f"{len(self.missing)} not in the file")
             parts.append(f"{len(left)}{total} model tensors left at initialisation ({'; '.join(kinds)}): "
-                         f"{_summarise(left)}")
+                         f"{summarise(left)}")
         if self.unexpected:
-            parts.append(f"{len(self.unexpected)} file tensors unused: {_summarise(self.unexpected)}")
+            parts.append(f"{len(self.unexpected)} file tensors unused: {summarise(self.unexpected)}")
         parts += self.conflicts
         return "; ".join(parts)
 
@@ -191,6 +191,16 @@ def save_pretrained(model: EvaViT, directory: str | os.PathLike) -> Path:
     Raises NonFiniteWeightsError, writing nothing, when a weight is NaN or infinite: such a model is never
     the result of a run (a diverged or corrupted one), and would otherwise be fine-tuned from as if it were.
     """
+    config_json = json.dumps(model.config.to_dict(), indent=2)
+    return write_model_directory(model, directory, config_json, {"config": config_json})
+
+
+def write_model_directory(model: torch.nn.Module, directory: str | os.PathLike, config_json: str,
+                          metadata: dict[str, str]) -> Path:
+    """``directory/model.safetensors`` (``metadata`` added to the evamim version) + ``directory/config.json``
+    (``config_json``), weights first and both atomic, so a directory with a config always has its weights and
+    a crash leaves the old files intact. Refuses (NonFiniteWeightsError, nothing written) NaN or infinite
+    weights. Returns ``directory``."""
     from safetensors.torch import save_file
 
     from evamim import __version__
@@ -200,13 +210,11 @@ def save_pretrained(model: EvaViT, directory: str | os.PathLike) -> Path:
     if nonfinite:
         raise NonFiniteWeightsError(
             f"refused to save {directory}: {len(nonfinite)} of {len(state)} tensors hold NaN or infinite values "
-            f"({_summarise(nonfinite)}); the run diverged or its weights were corrupted: export from its last "
+            f"({summarise(nonfinite)}); the run diverged or its weights were corrupted: export from its last "
             f"healthy checkpoint instead")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(model.config.to_dict(), indent=2)
-    metadata = {"format": "pt", "evamim_version": __version__, "config": config_json}
-    # Atomic writes: a crash leaves the old files intact, never a torn one.
+    metadata = {"format": "pt", "evamim_version": __version__, **metadata}
     atomic.write_with(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     atomic.write_text(directory / CONFIG_NAME, config_json + "\n")
     return directory

@@ -75,6 +75,32 @@ class ValidationData:
         return dataclasses.replace(data, path=self.path, source=source)
 
 
+def source_classes(loader: Any) -> list[str] | None:
+    """The class (folder) names of a loader's map-style source in label order (folder, synthetic), None when
+    the source names none (shards, list files)."""
+    classes = getattr(getattr(loader.dataset, "source", None), "classes", None)
+    return [str(name) for name in classes] if classes else None
+
+
+def owned_option_problems(options: Mapping[str, Any], owned: Mapping[str, str | None]) -> list[str]:
+    """``model.options`` keys the task sets itself (``owned``: key -> the config key to use instead, or None)."""
+    return [f"model.options.{key} is set by this task" + (f": use {owner} instead" if owner else "")
+            for key, owner in owned.items() if key in options]
+
+
+def model_problems(model: TrainedModelSection, owned: Mapping[str, str | None]) -> list[str]:
+    """``model.*`` of a task that builds the network itself: weights or a preset, no option the task sets."""
+    problems = []
+    if model.pretrained is None and model.name is None:
+        problems.append("set model.pretrained (an evamim model directory or weights file) and/or model.name (a preset)")
+    elif model.pretrained is not None and not Path(model.pretrained).exists():
+        problems.append(f"model.pretrained {model.pretrained} does not exist: give the pre-trained weights")
+    problems += owned_option_problems(model.options, owned)
+    if not 0.0 <= model.drop_path_rate < 1.0:
+        problems.append(f"model.drop_path_rate must be in [0, 1), got {model.drop_path_rate}")
+    return problems
+
+
 def load_backbone(section: ModelSection, **overrides: Any):
     """Build the EvaViT a task starts from; ``overrides`` (task-specific, e.g. num_classes) win over options.
 

@@ -37,7 +37,14 @@ from evamim.tasks.classification import (
     summarize_evaluations,
 )
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import TrainedModelSection, ValidationData, load_backbone, training_run_problems
+from evamim.tasks.common import (
+    TrainedModelSection,
+    ValidationData,
+    load_backbone,
+    model_problems,
+    source_classes,
+    training_run_problems,
+)
 from evamim.tasks.runner import RunContext, TrainingParts, run_training
 
 logger = logging.getLogger(__name__)
@@ -166,21 +173,6 @@ def validate(config: FinetuneConfig) -> None:
         raise ConfigError("invalid fine-tuning config:\n  " + "\n  ".join(problems))
 
 
-def model_problems(model: TrainedModelSection, owned: dict[str, str | None]) -> list[str]:
-    """``model.*`` of a task that builds the network itself: weights or a preset, no option the task sets."""
-    problems = []
-    if model.pretrained is None and model.name is None:
-        problems.append("set model.pretrained (an evamim model directory or weights file) and/or model.name (a preset)")
-    elif model.pretrained is not None and not Path(model.pretrained).exists():
-        problems.append(f"model.pretrained {model.pretrained} does not exist: give the pre-trained weights")
-    for key, owner in owned.items():
-        if key in model.options:
-            problems.append(f"model.options.{key} is set by this task" + (f": use {owner} instead" if owner else ""))
-    if not 0.0 <= model.drop_path_rate < 1.0:
-        problems.append(f"model.drop_path_rate must be in [0, 1), got {model.drop_path_rate}")
-    return problems
-
-
 def _eval_problems(config: FinetuneConfig) -> list[str]:
     problems = []
     if not config.val_data.given:
@@ -209,7 +201,7 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
 
 def data_classes(loader) -> int | None:
     """Number of classes of a map-style training source (folder, synthetic), None when unknown (shards, lists)."""
-    classes = getattr(getattr(loader.dataset, "source", None), "classes", None)
+    classes = source_classes(loader)
     return len(classes) if classes else None
 
 

@@ -28,7 +28,7 @@ from evamim.engine.distributed import DistributedConfig
 from evamim.models.presets import list_models, model_config
 from evamim.models.vit import EvaViTConfig
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import TrainedModelSection, ValidationData, training_run_problems
+from evamim.tasks.common import TrainedModelSection, ValidationData, owned_option_problems, training_run_problems
 from evamim.tasks.runner import RunContext, TrainingParts, run_training
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ def validate(config: PretrainConfig) -> None:
     from evamim.pretrain.objectives import list_objectives, objective_spec
     from evamim.teachers import check_teacher, parse_spec
 
-    problems = [f"model.options.{key} is set by this task" + (f": use {owner} instead" if owner else "")
-                for key, owner in TASK_OWNED_OPTIONS.items() if key in config.model.options]
+    problems = owned_option_problems(config.model.options, TASK_OWNED_OPTIONS)
     if config.model.name not in list_models():
         problems.append(f"model.name {config.model.name!r} is not a preset; choose one of {list_models()}")
     if config.model.pretrained and not Path(config.model.pretrained).exists():

@@ -279,7 +279,9 @@ def full_weights(model: nn.Module, skeleton: Callable[[], nn.Module] | None, is_
 
 
 def _is_sharded(module: nn.Module) -> bool:
-    return any(callable(getattr(p, "full_tensor", None)) for p in module.parameters())
+    from evamim.engine.loop.parallel import is_dtensor
+
+    return any(is_dtensor(p) for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------------------- evaluation

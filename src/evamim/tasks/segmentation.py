@@ -30,8 +30,7 @@ from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig
 from evamim.engine.distributed import DistributedConfig
 from evamim.models.seg_heads import HEAD_KINDS
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import TrainedModelSection, format_table, load_backbone, training_run_problems
-from evamim.tasks.finetune import model_problems
+from evamim.tasks.common import TrainedModelSection, format_table, load_backbone, model_problems, training_run_problems
 from evamim.tasks.runner import RunContext, TrainingParts, run_training
 from evamim.tasks.seg_metrics import (
     IOU_CONVENTION,
