@@ -112,3 +112,18 @@ def test_dry_run_counts_both_towers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "EVA-CLIP: vision eva_tiny_p16" in out and "clip parameters:" in out and "16 images per optimizer step" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_zero_shot_class_names_for_data_without_class_folders(tmp_path):
+    """Shards and list files name no classes: the names file, in label order, gives them; a folder map cannot."""
+    from evamim.tasks.clip import class_names
+
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    (tmp_path / "map.json").write_text('{"n01": "cat"}')
+    assert class_names(None, str(tmp_path / "names.txt")) == ["cat", "dog"]
+    assert class_names(["n01"], str(tmp_path / "map.json")) == ["cat"]
+    assert class_names(["a", "b"], None) == ["a", "b"]
+    with pytest.raises(ConfigError, match="give eval.class_names"):
+        class_names(None, None)
+    with pytest.raises(ConfigError, match="maps class folders"):
+        class_names(None, str(tmp_path / "map.json"))

@@ -29,7 +29,13 @@ from evamim.data.config import DataConfig
 from evamim.engine import CheckpointConfig, Hook, LoopConfig, OptimConfig, unwrap_model
 from evamim.engine.distributed import DistributedConfig
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import ValidationData, training_run_problems
+from evamim.tasks.common import (
+    TrainedModelSection,
+    ValidationData,
+    owned_option_problems,
+    source_classes,
+    training_run_problems,
+)
 from evamim.tasks.runner import RunContext, TrainingParts, run_training
 
 logger = logging.getLogger(__name__)
@@ -41,17 +47,11 @@ TASK_OWNED_OPTIONS = {"img_size": "data.image_size", "drop_path_rate": "model.dr
 
 
 @dataclass
-class ClipModelSection:
-    """``model.*``: the CLIP to train."""
+class ClipModelSection(TrainedModelSection):
+    """``model.*``: the CLIP to train. ``name``, ``pretrained``, ``options``, ``drop_path_rate`` and
+    ``grad_checkpointing`` are the vision tower's (``pretrained``: EVA MIM, evamim, timm, open_clip / EVA-CLIP
+    weights, loaded strictly; None = random init)."""
 
-    name: str = "eva_base_p16"
-    """The vision tower's preset (``evamim list models``)."""
-    pretrained: str | None = None
-    """Initial vision-tower weights (EVA MIM, evamim, timm, open_clip / EVA-CLIP); None = random init."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Other EvaViTConfig fields of the vision tower."""
-    drop_path_rate: float = 0.0
-    grad_checkpointing: bool = False
     pool: str = "token"
     """``token`` (open_clip's EVA towers) or ``avg``."""
     embed_dim: int = 512
@@ -88,7 +88,7 @@ class ClipEvalSection:
 class ClipTrainConfig:
     """Defaults: a ViT-B/16 EVA-CLIP at small scale; the recipes (``evamim list recipes``) hold the deltas."""
 
-    model: ClipModelSection = field(default_factory=ClipModelSection)
+    model: ClipModelSection = field(default_factory=lambda: ClipModelSection(name="eva_base_p16", drop_path_rate=0.0))
     data: DataConfig = field(default_factory=lambda: DataConfig(captions=True, crop_scale=(0.9, 1.0)))
     val_data: ValidationData = field(default_factory=ValidationData)
     """Labelled images for zero-shot evaluation (a class-folder tree, or ``source=synthetic``); none = no evaluation."""
@@ -125,8 +125,7 @@ def validate(config: ClipTrainConfig) -> None:
     from evamim.models.presets import list_models
 
     model = config.model
-    problems = [f"model.options.{key} is set by this task" + (f": use {owner} instead" if owner else "")
-                for key, owner in TASK_OWNED_OPTIONS.items() if key in model.options]
+    problems = owned_option_problems(model.options, TASK_OWNED_OPTIONS)
     if model.name not in list_models():
         problems.append(f"model.name {model.name!r} is not a preset; choose one of {list_models()}")
     if model.pretrained is not None and not Path(model.pretrained).exists():
@@ -237,7 +236,7 @@ class ClipTask:
 
     @staticmethod
     def _evaluation(config: ClipTrainConfig, context: RunContext, tokenizer):
-        from evamim.clip.templates import OPENAI_IMAGENET_TEMPLATES, folder_class_names, load_templates
+        from evamim.clip.templates import OPENAI_IMAGENET_TEMPLATES, load_templates
         from evamim.clip.zeroshot import ZeroShotEvaluation
         from evamim.data.loader import build_loader
 
@@ -250,7 +249,7 @@ class ClipTask:
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"val_data: {error}") from None
         try:
-            names = folder_class_names(_data_classes(loader), config.eval.class_names)
+            names = class_names(source_classes(loader), config.eval.class_names)
             templates = load_templates(config.eval.templates) if config.eval.templates else OPENAI_IMAGENET_TEMPLATES
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"eval: {error}") from None
@@ -261,11 +260,21 @@ class ClipTask:
         return {"vision": config.model.name, "vision_init": config.model.pretrained or "random"}
 
 
-def _data_classes(loader) -> list[str]:
-    classes = getattr(getattr(loader.dataset, "source", None), "classes", None)
-    if not classes:
-        raise ConfigError("the validation data names no classes (shards, lists): give eval.class_names")
-    return [str(name) for name in classes]
+def class_names(folders: list[str] | None, names_file: str | None) -> list[str]:
+    """The zero-shot class names in label order: the class folders' (renamed by ``names_file``), or, for data
+    without class folders (shards, list files), ``names_file`` as a list in label order."""
+    from evamim.clip.templates import folder_class_names, load_class_names
+
+    if folders is not None:
+        return folder_class_names(folders, names_file)
+    if names_file is None:
+        raise ConfigError("the validation data has no class folders (shards, list files): give eval.class_names, "
+                          "a file with one class name per line in label order")
+    names = load_class_names(names_file)
+    if isinstance(names, dict):
+        raise ConfigError(f"eval.class_names {names_file} maps class folders, but the validation data has none: "
+                          "give the names as a list in label order")
+    return list(names)
 
 
 def run_clip(config: ClipTrainConfig, hooks: tuple = ()) -> dict[str, Any]:
