@@ -127,3 +127,63 @@ def test_zero_shot_class_names_for_data_without_class_folders(tmp_path):
         class_names(None, None)
     with pytest.raises(ConfigError, match="maps class folders"):
         class_names(None, str(tmp_path / "map.json"))
+
+
+def test_text_layer_decay_and_the_logit_scale_lr_follow_eva_clip(tmp_path):
+    """EVA-CLIP (training/optim.py): text embeddings are layer 0, resblock i layer i + 1, the rest L + 1, scaled by
+    text_ld ** (L + 1 - layer) on top of the text lr; the logit scale has its own lr (--lr)."""
+    from evamim.clip.model import EvaClip
+    from evamim.tasks.clip import clip_config
+
+    config = load_config(ClipTrainConfig, None, tiny_overrides(tmp_path, 2, "text_optim.lr=2e-4", "optim.lr=1e-3",
+                                                               "text_optim.layer_decay=0.5",
+                                                               "text_optim.logit_scale_lr=5e-4"))
+    model = EvaClip(clip_config(config))
+    groups = param_groups(model, config)
+    covered = [p for group in groups for p in group["params"]]
+    assert len(covered) == len({id(p) for p in covered}) == len(list(model.parameters()))
+    by_name = {name: group for group in groups for name in group["param_names"]}
+    text = 0.2  # 2e-4 / 1e-3; two text blocks, so L + 1 = 3
+    assert by_name["text.token_embedding.weight"]["lr_scale"] == pytest.approx(text * 0.5 ** 3)
+    assert by_name["text.positional_embedding"]["lr_scale"] == pytest.approx(text * 0.5 ** 3)
+    assert by_name["text.transformer.resblocks.0.attn.in_proj_weight"]["lr_scale"] == pytest.approx(text * 0.5 ** 2)
+    assert by_name["text.transformer.resblocks.1.mlp.c_fc.bias"]["lr_scale"] == pytest.approx(text * 0.5)
+    assert by_name["text.transformer.resblocks.1.mlp.c_fc.bias"]["weight_decay"] == 0.0
+    assert by_name["text.ln_final.weight"]["lr_scale"] == by_name["text.text_projection"]["lr_scale"] == text
+    assert by_name["text.text_projection"]["weight_decay"] == 0.05
+    assert by_name["logit_scale"]["lr_scale"] == pytest.approx(0.5) and by_name["logit_scale"]["weight_decay"] == 0
+    with pytest.raises(ConfigError, match=r"text_optim.layer_decay must be in \(0, 1\]"):
+        validate(load_config(ClipTrainConfig, None, tiny_overrides(tmp_path, 2, "text_optim.layer_decay=1.5")))
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+RECIPE = Path(__file__).parents[1] / "src/evamim/recipes/clip/eva_clip_g14_laion400m.yaml"
+
+
+def test_every_value_of_the_eva_clip_g_recipe_names_its_source():
+    """Each `key: value` line carries a comment: the file it came from, or `unsourced:` and why."""
+    for number, line in enumerate(RECIPE.read_text().splitlines(), start=1):
+        body = line.split("#", 1)[0]
+        if ":" in body and body.split(":", 1)[1].strip() and not line.lstrip().startswith("#"):
+            assert "#" in line or line.startswith(" " * 4), f"{RECIPE.name}:{number} has no source: {line!r}"
+
+
+def test_the_eva_clip_g_recipe_loads_validates_and_dry_runs_once_its_paths_are_given(tmp_path, capsys):
+    vision, text, val = tmp_path / "EVA01_g_psz14.pt", tmp_path / "clip_l.bin", tmp_path / "val"
+    vision.touch(), text.touch(), val.mkdir()
+    paths = [f"model.pretrained={vision}", f"model.text_pretrained={text}",
+             "data.path=/data/laion400m/{00000..41407}.tar", f"val_data.path={val}"]
+    with pytest.raises(ConfigError, match="model.pretrained /path/to/EVA01_g_psz14.pt does not exist"):
+        validate(load_config(ClipTrainConfig, RECIPE, paths[1:]))
+    config = load_config(ClipTrainConfig, RECIPE, paths)
+    validate(config)
+    assert (config.model.name, config.model.embed_dim, config.model.drop_path_rate) == ("eva_giant_p14", 1024, 0.4)
+    assert config.model.text == dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
+    assert (config.optim.lr, config.text_optim.lr, config.text_optim.logit_scale_lr) == (4e-4, 4e-5, 5e-4)
+    assert (config.optim.layer_decay, config.text_optim.layer_decay, config.optim.clip_grad) == (0.85, 0.75, 5.0)
+    assert config.global_batch_size == 40960 and config.loop.precision == "fp16"
+    assert config.data.crop_scale == (0.9, 1.0) and config.data.hflip == 0 and config.data.source == "shards"
+    assert main(["clip", "--config", "eva_clip_g14_laion400m", *paths, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "clip parameters: 1,136,435,841" in out  # the model card's "1.1B"
+    assert "268,400 steps (275 epochs)" in out  # 11B samples seen

@@ -11,6 +11,7 @@ Every load is strict: a tensor missing, left over or of another shape refuses th
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +25,7 @@ from evamim.models.checkpoint import summarise
 from evamim.models.sources import CONFIG_NAME, WEIGHTS_NAME
 
 CLIP_KIND = "clip"
+logger = logging.getLogger(__name__)
 
 
 def fit_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, Any]) -> str:
@@ -97,11 +99,40 @@ def read_clip_config(directory: str | os.PathLike) -> ClipConfig:
     return ClipConfig.from_dict({k: v for k, v in values.items() if k != "kind"})
 
 
-def load_clip(directory: str | os.PathLike, *, device: torch.device | str | None = None) -> EvaClip:
-    """Rebuild a saved EvaClip and load its weights strictly (ValueError naming what does not fit)."""
+def load_clip(source: str | os.PathLike | Mapping[str, Any], config: ClipConfig | str | None = None, *,
+              device: torch.device | str | None = None) -> EvaClip:
+    """An EvaClip with the weights of ``source``, loaded strictly (ValueError naming what does not fit):
+
+    - a saved EvaClip directory (``save_clip``): its own config.json says what to build; ``config`` must be None;
+    - an official EVA-CLIP checkpoint (baaivision/EVA ``EVA-CLIP``, ``evamim.clip.official``) or an open_clip EVA
+      model (``visual.trunk.*``), as a file or a state dict: ``config`` says what to build -- a ClipConfig, or
+      the name of an official model (``EVA02-CLIP-L-14``, see ``OFFICIAL_MODEL_CONFIGS``) or its JSON file.
+    """
+    if isinstance(source, (str, os.PathLike)) and not Path(source).exists():
+        raise FileNotFoundError(f"{source} does not exist: give a saved EvaClip directory or a CLIP checkpoint file")
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        if config is not None:
+            raise ValueError(f"{source} is a saved EvaClip directory, whose {CONFIG_NAME} says what to build: "
+                             "do not pass a config")
+        model = _load_clip_directory(Path(source))
+    else:
+        if config is None:
+            raise ValueError(f"{source if isinstance(source, (str, os.PathLike)) else 'the state dict'} is not a saved "
+                             "EvaClip directory: pass config=, a ClipConfig or an official EVA-CLIP model name (e.g. "
+                             "EVA02-CLIP-L-14)")
+        if not isinstance(config, ClipConfig):
+            from evamim.clip.official import official_clip_config
+
+            config = official_clip_config(config)
+        model = EvaClip(config)
+        for line in load_clip_weights(model, source):
+            logger.info("%s", line)
+    return model.to(device) if device is not None else model
+
+
+def _load_clip_directory(directory: Path) -> EvaClip:
     from safetensors.torch import load_file
 
-    directory = Path(directory)
     config = read_clip_config(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -112,7 +143,35 @@ def load_clip(directory: str | os.PathLike, *, device: torch.device | str | None
     if problems:
         raise ValueError(f"{weights} does not fit the EvaClip its {CONFIG_NAME} describes: {problems}")
     model.load_state_dict(state, strict=True)
-    return model.to(device) if device is not None else model
+    return model
+
+
+def load_clip_weights(model: EvaClip, source: str | os.PathLike | Mapping[str, Any]) -> list[str]:
+    """Load a whole CLIP into ``model`` -- both towers, both projections, the logit scale -- strictly, from a
+    saved EvaClip directory, an official EVA-CLIP checkpoint or an open_clip EVA model (a file or a state dict;
+    the layout is told by the keys). ValueError names what does not fit; ``model`` is then unchanged.
+    Returns lines saying what was loaded."""
+    from evamim.clip.interop import from_open_clip_state_dict
+    from evamim.clip.official import is_eva_clip_state, load_eva_clip_weights
+    from evamim.models.sources import read_source
+
+    if isinstance(source, (str, os.PathLike)) and is_clip_directory(source):
+        saved = _load_clip_directory(Path(source))
+        problems = fit_problems(saved.state_dict(), model.state_dict())
+        if problems:
+            raise ValueError(f"the EvaClip in {source} does not fit this model: {problems}")
+        model.load_state_dict(saved.state_dict(), strict=True)
+        return [f"every tensor from the EvaClip directory {source}"]
+    state = read_source(source).state
+    if is_eva_clip_state(state):
+        return load_eva_clip_weights(model, state)
+    if any(key.split("visual.trunk.", 1)[0] in ("", "module.") and "visual.trunk." in key for key in state):
+        model.load_state_dict(from_open_clip_state_dict(state, model.config), strict=True)
+        return ["every tensor from an open_clip EVA model (visual.trunk.*, text.*, logit_scale)"]
+    keys = sorted(state)
+    raise ValueError(f"not a CLIP checkpoint evamim reads whole (an EvaClip directory, an official EVA-CLIP file with "
+                     f"visual.pos_embed, an open_clip EVA model with visual.trunk.*): its keys begin "
+                     f"{', '.join(keys[:4])}; a vision tower alone initialises with load_vision")
 
 
 # ------------------------------------------------------------------------------------- vision initialisation
@@ -177,6 +236,7 @@ __all__ = [
     "fit_problems",
     "is_clip_directory",
     "load_clip",
+    "load_clip_weights",
     "load_vision",
     "model_shapes",
     "read_clip_config",

@@ -190,7 +190,8 @@ def load_open_clip(source, config: ClipConfig) -> EvaClip:
 
 def load_open_clip_text(model: EvaClip, source, *, projection: bool = True, logit_scale: bool = True) -> str:
     """Initialise ``model.text`` (and ``logit_scale``) from any open_clip model's weights (CustomTextCLIP or
-    plain CLIP layout, e.g. OpenAI's CLIP-L text tower for EVA-CLIP-g); the vision tensors are ignored.
+    plain CLIP layout, e.g. OpenAI's CLIP-L text tower for EVA-CLIP-g; official EVA-CLIP files have the same
+    text names); the vision tensors are ignored.
 
     Strict over the text tower: every tensor loaded or ValueError naming what does not fit, nothing changed.
     ``projection=False`` keeps ``text.text_projection`` at its initialisation (another joint width);
@@ -198,6 +199,9 @@ def load_open_clip_text(model: EvaClip, source, *, projection: bool = True, logi
     """
     state = _read_state(source)
     state.pop("attn_mask", None)
+    if "text.logit_scale" in state and "logit_scale" not in state:
+        # EVA-01's EVA_CLIP (eva_clip_psz14.pt) keeps the logit scale in its text tower.
+        state["logit_scale"] = state.pop("text.logit_scale")
     text = {name: value for key, value in state.items() if (name := _text_key(key)) is not None}
     if not text:
         raise ValueError("no open_clip text tower (text.* or token_embedding / transformer / ln_final) in the file")

@@ -39,15 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect = commands.add_parser(
         "inspect",
         help="count samples, show a few, and measure the failure rate",
-        description="Describe an image folder, a list file or shards (a .tar, a folder of them, a brace pattern "
-        "or URL): sample count, a few samples' sizes, and which samples fail to decode.",
+        description="Describe an image folder, a list file, a caption table (.csv / .tsv) or shards (a .tar, a "
+        "folder of them, a brace pattern or URL): sample count, a few samples' sizes, and which samples fail to "
+        "decode.",
     )
-    inspect.add_argument("path", metavar="SOURCE", help="folder, list file, shard file, shard folder or pattern")
+    inspect.add_argument("path", metavar="SOURCE",
+                         help="folder, list file, caption table, shard file, shard folder or pattern")
     inspect.add_argument("--limit", type=int_at_least(0), default=1000, help="samples to check (default 1000; 0 = all)")
     inspect.add_argument("--show", type=int_at_least(0), default=5, help="samples to describe (default 5)")
     inspect.add_argument("--max-image-pixels", type=int_at_least(1), default=MAX_IMAGE_PIXELS,
                          help=f"refuse larger images (bomb guard; default {MAX_IMAGE_PIXELS})")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    inspect.add_argument("--csv-path-column", default="filepath",
+                         help="caption tables: the column of image paths (default filepath, as data.csv_path_column)")
+    inspect.add_argument("--csv-caption-column", default="title",
+                         help="caption tables: the caption column (default title, as data.csv_caption_column)")
+    inspect.add_argument("--csv-delimiter", default=None,
+                         help="caption tables: one character, or tab / comma / semicolon / pipe (default: from the "
+                              "extension, .csv comma, .tsv tab)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +103,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from evamim.data.inspect import format_report, inspect_data
 
     try:
-        report = inspect_data(args.path, limit=args.limit, show=args.show, max_pixels=args.max_image_pixels)
+        report = inspect_data(args.path, limit=args.limit, show=args.show, max_pixels=args.max_image_pixels,
+                              csv_columns=(args.csv_path_column, args.csv_caption_column),
+                              csv_delimiter=args.csv_delimiter)
     except (FileNotFoundError, ValueError) as error:
         print(f"evamim data inspect: {error}", file=sys.stderr)
         return 2

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 from evamim.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
-SOURCE_KINDS = ("auto", "folder", "list", "shards", "synthetic")
+SOURCE_KINDS = ("auto", "folder", "list", "csv", "shards", "synthetic")
 # Marks that make a data.path a shard specification whatever exists on disk: brace patterns, several
 # patterns joined by ::, commands and URLs, and tar archives (webdataset reads .tar, .tar.gz and .tgz).
 SHARD_MARKERS = ("{", "::", "pipe:", "://")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Image files a folder source reads (also used to tell a single image from a list file).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+# Image-caption tables (``csv`` source), by extension, and the delimiter each extension implies.
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 SHARD_SAMPLING = ("split", "resample")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 
@@ -31,12 +33,13 @@ class DataConfig:
 
     source: str = "auto"
     """One of ``folder`` (ImageFolder tree or flat folder), ``list`` (text file of image paths,
-    optionally ``path label`` per line), ``shards`` (WebDataset tar shards), ``synthetic``
+    optionally ``path label`` per line), ``csv`` (a CSV/TSV table of image paths and captions, see
+    ``csv_path_column``), ``shards`` (WebDataset tar shards), ``synthetic``
     (procedurally drawn shapes with captions; needs no files) or ``auto``: inferred from ``path``
     when the config is built (see ``infer_source``; logged once at INFO), synthetic without a path."""
 
     path: str = ""
-    """Folder root, list file, or shards: a local path, a brace pattern
+    """Folder root, list file, caption table (``.csv`` / ``.tsv``), or shards: a local path, a brace pattern
     (``/data/cc12m-{000000..001242}.tar``), several patterns joined by ``::``, a folder holding
     ``*.tar``, an ``http(s)://`` URL or a ``pipe:`` command. Unused for ``synthetic``."""
 
@@ -98,7 +101,19 @@ class DataConfig:
 
     captions: bool = False
     """Deliver captions (``batch["captions"]``). Every sample must then have one: ``txt`` or
-    ``json`` (``caption``/``text`` field) in shards, or the synthetic description."""
+    ``json`` (``caption``/``text`` field) in shards, the caption column of a ``csv`` table, or the
+    synthetic description."""
+
+    csv_path_column: str = "filepath"
+    """``csv`` source: the header's name of the column of image paths (relative ones are resolved
+    against the table's folder). Default: open_clip's and EVA-CLIP's ``--csv-img-key``."""
+
+    csv_caption_column: str = "title"
+    """``csv`` source: the header's name of the caption column (open_clip's ``--csv-caption-key``)."""
+
+    csv_delimiter: str | None = None
+    """``csv`` source: the column delimiter, one character or ``tab`` / ``comma`` / ``semicolon`` /
+    ``pipe``; None = from the extension (``.csv`` comma, ``.tsv`` tab)."""
 
     num_workers: int = 8
     """DataLoader worker processes per rank (0 = load in the main process)."""
@@ -187,14 +202,23 @@ class DataConfig:
         _one_of("source", self.source, SOURCE_KINDS)
         _one_of("shard_sampling", self.shard_sampling, SHARD_SAMPLING)
         _one_of("interpolation", self.interpolation, INTERPOLATIONS)
-        if self.source in ("folder", "list", "shards") and not str(self.path):
-            raise ValueError(f"data.path is empty: source {self.source!r} needs a folder, list file or shards")
+        if self.source in ("folder", "list", "csv", "shards") and not str(self.path):
+            raise ValueError(f"data.path is empty: source {self.source!r} needs a folder, list file, caption "
+                             "table or shards")
+        if self.source == "csv":
+            from evamim.data.tables import resolve_delimiter
+
+            resolve_delimiter(self.path, self.csv_delimiter)
+            for name in ("csv_path_column", "csv_caption_column"):
+                if not str(getattr(self, name)).strip():
+                    raise ValueError(f"data.{name} is empty: give the header's name of that column")
         if self.source == "synthetic" and str(self.path):
             # A path next to the synthetic source used to be ignored silently: a run then trained on
             # drawn shapes while its owner believed it read their images.
             raise ValueError(
                 f"data.source=synthetic draws its own images and would ignore data.path={self.path}: "
-                "remove data.path, or set data.source to folder, list or shards (or auto to infer it from the path)"
+                "remove data.path, or set data.source to folder, list, csv or shards (or auto to infer it from the "
+                "path)"
             )
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be >= 1, got {self.image_size}")
@@ -223,11 +247,12 @@ class DataConfig:
 
 
 def infer_source(path: str, name: str = "data.path") -> str:
-    """``folder``, ``list`` or ``shards``: the source kind a ``data.path`` names.
+    """``folder``, ``list``, ``csv`` or ``shards``: the source kind a ``data.path`` names.
 
     - a brace pattern, ``::``-joined patterns, a ``pipe:`` command, a URL, or a ``.tar`` (``.tar.gz``,
       ``.tgz``) file name: ``shards``;
     - a folder holding ``*.tar`` files directly: ``shards``; any other folder: ``folder``;
+    - a ``.csv`` or ``.tsv`` file: ``csv`` (a table of image paths and captions);
     - any other file: ``list`` (a text file of image paths).
 
     ``name`` is how error messages call the path (``data.path``, ``val_data.path`` ...).
@@ -245,10 +270,11 @@ def infer_source(path: str, name: str = "data.path") -> str:
                 f"{name} {path} is a single image, not a dataset: give the folder holding the images, "
                 "or a list file naming them"
             )
-        return "list"
+        return "csv" if os.path.splitext(path)[1].lower() in TABLE_SUFFIXES else "list"
     if os.path.islink(path):
         raise ValueError(f"{name} {path} is a broken or looping symlink: fix the link, or give another path")
-    raise ValueError(f"{name} {path} does not exist (expected an image folder, a list file or shards)")
+    raise ValueError(f"{name} {path} does not exist (expected an image folder, a list file, a caption table or "
+                     "shards)")
 
 
 def _holds_tar_files(folder: str) -> bool:

@@ -1,10 +1,11 @@
-"""Map-style sources backed by image files: a folder tree, or a text file listing paths.
+"""Map-style sources backed by image files: a folder tree, a text file listing paths, or a caption table.
 
 Folder layout (ImageFolder): ``root/<class>/**/<image>`` gives class labels (classes sorted by
 name, index = position). Without labels any tree works, flat or nested; every image below ``root``
 is used. List layout: one image per line, ``path`` or ``path label`` (label an integer, separated
 by whitespace from the path); relative paths are resolved against the list file's folder; blank
-lines and lines starting with ``#`` are ignored.
+lines and lines starting with ``#`` are ignored. Caption tables (CSV / TSV with a path and a caption
+column) are read by ``evamim.data.tables``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ logger = logging.getLogger("evamim.data")
 class FileEntry:
     path: str
     label: int | None = None
+    caption: str | None = None
 
 
 def is_image_name(name: str) -> bool:
@@ -233,13 +235,12 @@ Decoder = Callable[[str], Image.Image]
 class FileSource:
     """Map-style source over image files; ``load`` decodes with the decoder it is given."""
 
-    has_captions = False
-
     def __init__(self, entries: list[FileEntry], classes: list[str], origin: str):
         self.entries = entries
         self.classes = classes
         self.origin = origin
         self.has_labels = bool(entries) and entries[0].label is not None
+        self.has_captions = bool(entries) and entries[0].caption is not None
 
     @classmethod
     def from_folder(cls, root: str | os.PathLike, *, labels: bool) -> FileSource:
@@ -250,6 +251,16 @@ class FileSource:
     def from_list(cls, list_file: str | os.PathLike, *, labels: bool) -> FileSource:
         return cls(read_list(list_file, labels=labels), [], str(list_file))
 
+    @classmethod
+    def from_table(cls, table: str | os.PathLike, *, path_column: str, caption_column: str,
+                   delimiter: str | None = None) -> FileSource:
+        """Image-caption pairs of a CSV / TSV table (``evamim.data.tables.read_caption_table``)."""
+        from evamim.data.tables import read_caption_table
+
+        entries = read_caption_table(table, path_column=path_column, caption_column=caption_column,
+                                     delimiter=delimiter)
+        return cls(entries, [], str(table))
+
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -258,4 +269,4 @@ class FileSource:
 
     def load(self, index: int, decode: Decoder) -> RawSample:
         entry = self.entries[index]
-        return RawSample(decode(entry.path), label=entry.label)
+        return RawSample(decode(entry.path), label=entry.label, caption=entry.caption)

@@ -1,8 +1,8 @@
 """``inspect_data``: count a dataset's samples, show a few, and measure its failure rate.
 
-Works on an image folder, a list file, or shards (a ``.tar``, a folder of them, a brace pattern,
-URLs). Every checked sample is decoded completely with the loader's own failure rules, so the bad
-files it lists are exactly those a training run would skip.
+Works on an image folder, a list file, a caption table (``.csv`` / ``.tsv``), or shards (a ``.tar``, a
+folder of them, a brace pattern, URLs). Every checked sample is decoded completely with the loader's own
+failure rules, so the bad files it lists are exactly those a training run would skip.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from evamim.data.shards import IMAGE_KEYS, caption_of, expand_shards, label_of, 
 @dataclasses.dataclass
 class InspectReport:
     path: str
-    kind: str  # folder, list or shards
+    kind: str  # folder, list, csv or shards
     layout: str  # human description (classes, shard count)
     total: int | None  # samples in the dataset when known without reading everything
     checked: int = 0
@@ -40,7 +40,7 @@ class InspectReport:
 
 
 def detect_kind(path: str) -> str:
-    """``folder``, ``list`` or ``shards`` for a path, pattern or URL: the rules of ``data.source=auto``.
+    """``folder``, ``list``, ``csv`` or ``shards`` for a path, pattern or URL: the rules of ``data.source=auto``.
 
     Raises:
         ValueError: the path does not exist or is a single image (the path is named).
@@ -48,8 +48,13 @@ def detect_kind(path: str) -> str:
     return infer_source(path, name="path")
 
 
-def inspect_data(path: str, *, limit: int = 1000, show: int = 5, max_pixels: int = 89_478_485) -> InspectReport:
-    """Check up to ``limit`` samples of ``path`` (0 = all) and describe the first ``show``."""
+def inspect_data(path: str, *, limit: int = 1000, show: int = 5, max_pixels: int = 89_478_485,
+                 csv_columns: tuple[str, str] = ("filepath", "title"),
+                 csv_delimiter: str | None = None) -> InspectReport:
+    """Check up to ``limit`` samples of ``path`` (0 = all) and describe the first ``show``.
+
+    ``csv_columns`` (path column, caption column) and ``csv_delimiter`` (None = from the extension) read a
+    caption table, as ``data.csv_path_column`` / ``csv_caption_column`` / ``csv_delimiter`` do."""
     path = str(path)
     kind = detect_kind(path)
     if kind == "shards":
@@ -57,13 +62,16 @@ def inspect_data(path: str, *, limit: int = 1000, show: int = 5, max_pixels: int
     skipped: list[str] = []
     if kind == "folder":
         entries, classes, layout = _folder_entries(Path(path), skipped)
+    elif kind == "csv":
+        entries, classes, layout = _table_entries(path, csv_columns, csv_delimiter)
     else:
         entries, classes, layout = _list_entries(path)
     report = InspectReport(path, kind, layout, total=len(entries), skipped=skipped)
     checked = entries if limit <= 0 else entries[:limit]
     report.complete = len(checked) == len(entries)
     for entry in checked:
-        _check(report, entry.path, lambda: Path(entry.path).read_bytes(), show, max_pixels, label=entry.label, classes=classes)
+        _check(report, entry.path, lambda: Path(entry.path).read_bytes(), show, max_pixels, label=entry.label,
+               classes=classes, caption=entry.caption)
     return report
 
 
@@ -77,6 +85,17 @@ def _folder_entries(root: Path, skipped: list[str]) -> tuple[list[FileEntry], li
         skipped.clear()  # the second scan meets the same links again
         entries, _ = scan_folder(root, labels=False, skipped=skipped)
         return entries, [], "images without a class-folder layout"
+
+
+def _table_entries(path: str, columns: tuple[str, str],
+                   delimiter: str | None) -> tuple[list[FileEntry], list[str], str]:
+    from evamim.data.tables import delimiter_name, read_caption_table, resolve_delimiter
+
+    keys = ("--csv-path-column", "--csv-caption-column", "--csv-delimiter")
+    entries = read_caption_table(path, path_column=columns[0], caption_column=columns[1], delimiter=delimiter,
+                                 keys=keys)
+    sep = delimiter_name(resolve_delimiter(path, delimiter, keys[2]))
+    return entries, [], f"caption table ({sep}-separated, columns {columns[0]!r} and {columns[1]!r})"
 
 
 def _list_entries(path: str) -> tuple[list[FileEntry], list[str], str]:

@@ -65,7 +65,8 @@ class MapDataset(Dataset):
                 f"data.labels is on but {source.origin} has no labels (use class sub-folders or `path label` lines)"
             )
         if captions and not source.has_captions:
-            raise ValueError(f"data.captions is on but {source.origin} has no captions")
+            raise ValueError(f"data.captions is on but {source.origin} has no captions: give image-caption pairs (a "
+                             ".csv / .tsv table with a caption column, or shards with txt / json entries)")
         self.source = source
         self.transform = transform
         self.seed = seed

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from evamim import atomic
+from evamim.data.config import TABLE_SUFFIXES
 from evamim.data.decode import BadSample, decode_image_and_format
 from evamim.data.files import FileEntry, read_list, scan_folder
 from evamim.data.shards import require_webdataset
@@ -78,6 +79,10 @@ def _check_prefix(prefix: str) -> None:
 def _list_source(src: Path, labels: bool) -> tuple[list[FileEntry], list[str]]:
     if src.is_dir():
         return scan_folder(src, labels=labels)
+    if src.is_file() and src.suffix.lower() in TABLE_SUFFIXES:
+        # Read as a list, each row would be taken for a path and every sample would fail.
+        raise ValueError(f"source {src} is a caption table: make-shards writes images (and labels) from an image "
+                         f"folder or a list file, not captions; train on the table itself (data.path={src})")
     if src.is_file():
         return read_list(src, labels=labels), []
     raise FileNotFoundError(f"source {src} does not exist: pass an image folder or a list file")

@@ -2,6 +2,7 @@
 
 - ``folder``: ``FileSource.from_folder`` (ImageFolder tree; flat folders work without labels)
 - ``list``: ``FileSource.from_list`` (``path`` or ``path label`` per line)
+- ``csv``: ``FileSource.from_table`` (a CSV / TSV of image paths and captions, ``evamim.data.tables``)
 - ``shards``: ``ShardDataset`` over WebDataset tar shards
 - ``synthetic``: ``SyntheticShapes`` (drawn shapes with captions and shape labels)
 
@@ -29,12 +30,15 @@ logger = logging.getLogger("evamim.data")
 
 
 def build_source(cfg: DataConfig) -> Any:
-    """The map-style source of ``cfg`` (folder, list or synthetic); not for shards."""
+    """The map-style source of ``cfg`` (folder, list, csv or synthetic); not for shards."""
     kind = cfg.resolve_source()
     if kind == "folder":
         return FileSource.from_folder(cfg.path, labels=cfg.labels)
     if kind == "list":
         return FileSource.from_list(cfg.path, labels=cfg.labels)
+    if kind == "csv":
+        return FileSource.from_table(cfg.path, path_column=cfg.csv_path_column,
+                                     caption_column=cfg.csv_caption_column, delimiter=cfg.csv_delimiter)
     if kind == "synthetic":
         return SyntheticShapes(cfg.synthetic_size, cfg.synthetic_resolution, seed=cfg.seed)
     raise ValueError(f"data.source {kind!r} is not a map-style source")

@@ -1,11 +1,14 @@
 """``evamim clip``: contrastive image-text training of an EVA-CLIP (``evamim.clip.EvaClip``) on the task runner.
 
 config -> an EvaClip: the vision tower (any evamim preset) initialised from ``model.pretrained`` (an EVA MIM
-checkpoint, an evamim / timm / open_clip / EVA-CLIP file, loaded strictly) or at random, open_clip's text tower,
-a learnable logit scale -> image-caption pairs (``data.captions``: shards with ``txt``/``json``, a list, or the
-synthetic captioned images) -> CLIP's contrastive loss over the global batch, features gathered across processes
-with their gradients (``evamim.clip.loss``) -> AdamW with layer decay on the vision tower and its own lr / weight
-decay for the text tower and the logit scale (clamped to [0, ln 100] after every step, as open_clip does) ->
+checkpoint, an evamim / timm / open_clip / EVA-CLIP file, loaded strictly) or at random, open_clip's text tower
+initialised from ``model.text_pretrained`` (a CLIP's text tower, less its projection and logit scale, as EVA-CLIP
+does) or at random, a learnable logit scale; or the whole CLIP from ``model.clip_pretrained`` (an EvaClip
+directory, an official EVA-CLIP checkpoint, an open_clip EVA model) -> image-caption pairs (``data.captions``:
+shards with ``txt``/``json``, a CSV / TSV caption table, or the synthetic captioned images) -> CLIP's contrastive
+loss over the global batch, features gathered across processes with their gradients (``evamim.clip.loss``) ->
+AdamW with layer decay on the vision tower and its own lr / weight decay / layer decay for the text tower (the
+logit scale: its own lr, clamped to [0, ln 100] after every step, as open_clip does) ->
 zero-shot top-1 / top-5 on ``val_data`` (labelled images; class names from the data, prompts from the templates).
 
 Runs on the runner (``evamim.tasks.runner``): one process or many (ddp or zero1), checkpoints, exact resume,
@@ -52,6 +55,17 @@ class ClipModelSection(TrainedModelSection):
     ``grad_checkpointing`` are the vision tower's (``pretrained``: EVA MIM, evamim, timm, open_clip / EVA-CLIP
     weights, loaded strictly; None = random init)."""
 
+    text_pretrained: str | None = None
+    """The text tower's initial weights: the text tower of any CLIP file (open_clip ``CustomTextCLIP`` or plain
+    ``CLIP``, e.g. OpenAI's CLIP-L; an official EVA-CLIP file), loaded strictly -- all but ``text_projection``
+    and ``logit_scale``, which keep their initialisation, as EVA-CLIP's ``--skip-list`` leaves them (another
+    joint width needs a new projection anyway). None = random init."""
+    clip_pretrained: str | None = None
+    """A whole CLIP to start from instead (both towers, both projections, the logit scale, every tensor strictly):
+    a saved EvaClip directory, an official EVA-CLIP checkpoint (``EVA02_CLIP_L_psz14_s4B.pt`` ...), or an
+    open_clip EVA model; the architecture is still this section's. Not together with ``pretrained`` /
+    ``text_pretrained``."""
+
     pool: str = "token"
     """``token`` (open_clip's EVA towers) or ``avg``."""
     embed_dim: int = 512
@@ -63,12 +77,19 @@ class ClipModelSection(TrainedModelSection):
 
 @dataclass
 class TextOptimSection:
-    """The text tower's and the logit scale's own learning rate and weight decay (the schedule is shared)."""
+    """The text tower's and the logit scale's own learning rate, weight decay and layer decay (the schedule,
+    warmup then cosine, is shared: each group follows it scaled to its own peak)."""
 
     lr: float | None = None
     """None = ``optim.lr``."""
     weight_decay: float | None = None
     """None = ``optim.weight_decay`` (1-D parameters, embeddings and ``logit_scale`` are never decayed)."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay of the text tower, as EVA-CLIP's ``--text-ld``: embeddings are layer 0, block i is
+    layer i + 1, the final norm and projection layer L + 1, scaled by ``layer_decay ** (L + 1 - layer)``.
+    None = off (``optim.layer_decay`` is the vision tower's)."""
+    logit_scale_lr: float | None = None
+    """The logit scale's peak lr (EVA-CLIP: ``--lr``, apart from the towers'); None = the text tower's."""
 
 
 @dataclass
@@ -128,8 +149,14 @@ def validate(config: ClipTrainConfig) -> None:
     problems = owned_option_problems(model.options, TASK_OWNED_OPTIONS)
     if model.name not in list_models():
         problems.append(f"model.name {model.name!r} is not a preset; choose one of {list_models()}")
-    if model.pretrained is not None and not Path(model.pretrained).exists():
-        problems.append(f"model.pretrained {model.pretrained} does not exist: give the vision tower's weights")
+    for key, what in (("pretrained", "the vision tower's weights"), ("text_pretrained", "a CLIP file with the text "
+                      "tower"), ("clip_pretrained", "a saved EvaClip directory or a CLIP checkpoint")):
+        path = getattr(model, key)
+        if path is not None and not Path(path).exists():
+            problems.append(f"model.{key} {path} does not exist: give {what}")
+    if model.clip_pretrained is not None and (model.pretrained or model.text_pretrained):
+        problems.append("model.clip_pretrained sets every tensor of both towers: leave model.pretrained and "
+                        "model.text_pretrained unset (null), or drop model.clip_pretrained")
     if not config.data.captions:
         problems.append("CLIP training needs captions: set data.captions=true")
     if config.data.labels:
@@ -139,10 +166,13 @@ def validate(config: ClipTrainConfig) -> None:
         problems.append("distributed.strategy=fsdp is not available for clip yet: the zero-shot evaluation calls the "
                         "towers outside the model's forward, where FSDP would not gather their weights; use ddp or "
                         "zero1")
-    for key in ("lr", "weight_decay"):
+    for key in ("lr", "weight_decay", "logit_scale_lr"):
         value = getattr(config.text_optim, key)
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:
             problems.append(f"text_optim.{key} must be >= 0 or null, got {value}")
+    decay = config.text_optim.layer_decay
+    if decay is not None and not 0 < decay <= 1:
+        problems.append(f"text_optim.layer_decay must be in (0, 1] or null, got {decay}")
     for key in ("templates", "class_names"):
         path = getattr(config.eval, key)
         if path is not None and not Path(path).is_file():
@@ -181,9 +211,21 @@ class ClampLogitScale(Hook):
         unwrap_model(trainer.model).clamp_logit_scale_()
 
 
+def text_layer_id(name: str, num_layers: int) -> int:
+    """Layer of a text-tower parameter (its name inside ``model.text``) for layer-wise lr decay, EVA-CLIP's rule
+    (``training/optim.py`` ``get_num_layer_for_transformer``): the embeddings 0, ``transformer.resblocks.{i}``
+    i + 1, everything else (final norm, projection) ``num_layers + 1``."""
+    if name.startswith(("token_embedding", "positional_embedding", "cls_emb")):
+        return 0
+    parts = name.split(".")
+    if parts[:2] == ["transformer", "resblocks"]:
+        return int(parts[2]) + 1
+    return num_layers + 1
+
+
 def param_groups(model: nn.Module, config: ClipTrainConfig) -> list[dict]:
-    """The vision tower's weight-decay and layer-decay groups, then the text tower's and the logit scale's with
-    their own lr (as ``lr_scale`` of the shared schedule) and weight decay."""
+    """The vision tower's weight-decay and layer-decay groups, then the text tower's (its own lr as ``lr_scale``
+    of the shared schedule, its weight decay, its layer decay) and the logit scale's (its own lr, no decay)."""
     from evamim.engine.optim import param_groups as decay_groups
 
     optim, text = config.optim, config.text_optim
@@ -192,13 +234,24 @@ def param_groups(model: nn.Module, config: ClipTrainConfig) -> list[dict]:
         group["param_names"] = [f"visual.trunk.{name}" for name in group["param_names"]]
     text_scale = 1.0 if text.lr is None else text.lr / optim.lr
     text_decay = optim.weight_decay if text.weight_decay is None else text.weight_decay
+    num_layers = len(model.text.transformer.resblocks)
     skip = model.no_weight_decay()
-    named = [(f"text.{name}", p) for name, p in model.text.named_parameters() if p.requires_grad]
-    decayed = [(name, p) for name, p in named if p.ndim > 1 and name not in skip]
-    plain = [(name, p) for name, p in named if p.ndim <= 1 or name in skip] + [("logit_scale", model.logit_scale)]
-    for members, decay in ((decayed, text_decay), (plain, 0.0)):
-        groups.append({"params": [p for _, p in members], "param_names": [n for n, _ in members],
-                       "weight_decay": decay, "lr_scale": text_scale, "wd_scale": 1.0 if decay else 0.0})
+    by_key: dict[tuple[int, bool], dict] = {}
+    for name, parameter in model.text.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        decayed = parameter.ndim > 1 and f"text.{name}" not in skip
+        layer = text_layer_id(name, num_layers) if text.layer_decay is not None else num_layers + 1
+        scale = text_scale * (text.layer_decay ** (num_layers + 1 - layer) if text.layer_decay is not None else 1.0)
+        group = by_key.setdefault((layer, decayed), {
+            "params": [], "param_names": [], "weight_decay": text_decay if decayed else 0.0, "lr_scale": scale,
+            "wd_scale": 1.0 if decayed and text_decay else 0.0})
+        group["params"].append(parameter)
+        group["param_names"].append(f"text.{name}")
+    groups += [by_key[key] for key in sorted(by_key)]
+    logit_scale = text_scale if text.logit_scale_lr is None else text.logit_scale_lr / optim.lr
+    groups.append({"params": [model.logit_scale], "param_names": ["logit_scale"], "weight_decay": 0.0,
+                   "lr_scale": logit_scale, "wd_scale": 0.0})
     return [group for group in groups if group["params"]]
 
 
@@ -210,14 +263,16 @@ class ClipTask:
         validate(config)
 
     def build(self, config: ClipTrainConfig, context: RunContext) -> TrainingParts:
-        from evamim.clip.checkpoint import load_vision, save_clip
+        from evamim.clip.checkpoint import save_clip
         from evamim.clip.model import EvaClip
         from evamim.data.loader import build_loader
 
         model = EvaClip(clip_config(config))
-        if config.model.pretrained:
-            report = load_vision(model, config.model.pretrained)
-            logger.info("vision tower: %s", report)
+        try:
+            for line in initialise(model, config.model):
+                logger.info("%s", line)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"model: {error}") from None
         model = model.to(context.device)
         tokenizer = model.tokenizer()
         try:
@@ -257,7 +312,29 @@ class ClipTask:
                                   max_batches=config.eval.max_batches)
 
     def results(self, config: ClipTrainConfig, result: Any, parts: TrainingParts) -> dict[str, Any]:
-        return {"vision": config.model.name, "vision_init": config.model.pretrained or "random"}
+        section = config.model
+        if section.clip_pretrained:
+            return {"vision": section.name, "clip_init": section.clip_pretrained}
+        return {"vision": section.name, "vision_init": section.pretrained or "random",
+                "text_init": section.text_pretrained or "random"}
+
+
+def initialise(model: nn.Module, section: ClipModelSection) -> list[str]:
+    """Load ``model.clip_pretrained`` (everything), or ``model.pretrained`` (the vision tower) and
+    ``model.text_pretrained`` (the text tower less projection and logit scale), strictly; returns log lines."""
+    from evamim.clip.checkpoint import load_clip_weights, load_vision
+    from evamim.clip.interop import load_open_clip_text
+
+    if section.clip_pretrained:
+        return [f"whole CLIP from {section.clip_pretrained}: {line}"
+                for line in load_clip_weights(model, section.clip_pretrained)]
+    lines = []
+    if section.pretrained:
+        lines.append(f"vision tower: {load_vision(model, section.pretrained)}")
+    if section.text_pretrained:
+        loaded = load_open_clip_text(model, section.text_pretrained, projection=False, logit_scale=False)
+        lines.append(f"text tower from {section.text_pretrained}: {loaded}")
+    return lines
 
 
 def class_names(folders: list[str] | None, names_file: str | None) -> list[str]:
@@ -290,9 +367,14 @@ def dry_run(config: ClipTrainConfig) -> str:
     settings = clip_config(config)
     with torch.device("meta"):
         model = EvaClip(settings)
-    lines = [f"EVA-CLIP: vision {config.model.name} ({config.model.pretrained or 'random init'}), "
-             f"{config.model.pool} pooling, text {settings.text['width']}x{settings.text['layers']}, "
-             f"joint embedding {settings.embed_dim}",
+    section = config.model
+    if section.clip_pretrained:
+        init = f"vision and text from {section.clip_pretrained}"
+    else:
+        init = (f"vision from {section.pretrained or 'random init'}, "
+                f"text from {section.text_pretrained or 'random init'}")
+    lines = [f"EVA-CLIP: vision {section.name}, {section.pool} pooling, text {settings.text['width']}x"
+             f"{settings.text['layers']}, joint embedding {settings.embed_dim}; {init}",
              f"zero-shot: {config.val_data.path or config.val_data.source if config.val_data.given else 'off'}"]
     return describe_run(config, {"clip": model}, lines)
 

@@ -44,24 +44,41 @@ class ValidationData:
     are read and transformed alike."""
 
     path: str | None = None
-    """A folder, list or shards like ``data.path``; None = no validation set (unless ``source=synthetic``)."""
+    """A folder, list, caption table or shards like ``data.path``; None = no validation set (unless
+    ``source=synthetic``)."""
     source: str | None = None
-    """Their kind (``folder``, ``list``, ``shards``, ``synthetic``); None = ``data.source``. ``synthetic`` (no
-    path) draws a validation set of ``data.synthetic_size`` images with another seed than the training set's."""
+    """Their kind (``folder``, ``list``, ``csv``, ``shards``, ``synthetic``); None = inferred from ``path`` as
+    ``data.source=auto`` infers it (the training data's kind says nothing about the validation set's: CLIP
+    trains on shards or a caption table and validates on a class-folder tree). ``synthetic`` (no path) draws a
+    validation set of ``data.synthetic_size`` images with another seed than the training set's; with a
+    synthetic ``data.source`` and no path it is the default."""
 
     @property
     def given(self) -> bool:
         return self.path is not None or self.source == "synthetic"
 
+    def _source(self, data: Any) -> str | None:
+        """The validation source kind as set (None = to be inferred from the path)."""
+        if self.source is not None:
+            return self.source
+        return "synthetic" if data.source == "synthetic" else None
+
     def problems(self, data: Any) -> list[str]:
         """A path that does not exist, or a path given to a source that ignores it."""
         if self.path is None:
             return []
-        source = self.source or data.source
+        source = self._source(data)
         if source == "synthetic":
             return [f"val_data.path={self.path!r} is set but the validation source is 'synthetic', which ignores it: "
-                    "set val_data.source (or data.source) to folder, list or shards"]
-        if source in ("folder", "list") and not Path(self.path).exists():
+                    "set val_data.source (or data.source) to folder, list, csv or shards"]
+        if source is None:
+            from evamim.data.config import infer_source
+
+            try:
+                infer_source(str(self.path), name="val_data.path")
+            except ValueError as error:
+                return [str(error)]
+        elif source in ("folder", "list", "csv") and not Path(self.path).exists():
             return [f"val_data.path {self.path} does not exist"]
         return []
 
@@ -69,10 +86,10 @@ class ValidationData:
         """``data`` with the validation path and source (a synthetic set is drawn with ``data.seed + 1``)."""
         import dataclasses
 
-        source = self.source or data.source
+        source = self._source(data)
         if source == "synthetic":
             return dataclasses.replace(data, source="synthetic", seed=data.seed + 1)
-        return dataclasses.replace(data, path=self.path, source=source)
+        return dataclasses.replace(data, path=self.path, source=source or "auto")
 
 
 def source_classes(loader: Any) -> list[str] | None:
