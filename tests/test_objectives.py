@@ -149,7 +149,7 @@ def test_losses_are_float32_under_bf16_autocast(name):
 
 
 def test_get_objective_and_module():
-    assert list_objectives() == ["clip_mim", "feature_distill", "pixel_mim"]
+    assert list_objectives() == ["clip_mae", "clip_mim", "feature_distill", "pixel_mim"]
     with pytest.raises(ValueError, match=r"clip_mim.*feature_distill.*pixel_mim"):
         get_objective("clip")
     with pytest.raises(TypeError, match="no option"):

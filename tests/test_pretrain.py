@@ -154,7 +154,7 @@ def test_recipes_load_and_validate(tmp_path):
                         ["data.path=/data"])
     assert (paper.model.name, paper.optim.lr, paper.optim.betas, paper.optim.clip_grad) == ("eva_giant_p14", 1e-3, (0.9, 0.98), 3.0)
     assert paper.teacher.spec == "open_clip:ViT-L-14-quickgelu/openai" and (paper.batch_size, paper.global_batch_size) == (32, 4096)
-    with pytest.raises(ConfigError, match="masking.kind must be 'block' or 'random'"):
+    with pytest.raises(ConfigError, match="masking.kind must be 'block', 'random' or null"):
         validate(load_config(PretrainConfig, None, ["masking.kind=grid"]))
 
 

@@ -35,15 +35,27 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> fl
     return (time.perf_counter() - start) / steps
 
 
-def interleaved_seconds_per_step(
-    steps: dict[str, Callable[[], None]], rounds: int, steps_per_round: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds/step of each candidate, alternating candidates every round so that machine noise
-    (other processes, clock changes) hits them alike."""
+def interleaved_samples(
+    steps: dict[str, Callable[[], None]], rounds: int, steps_per_round: int, device: torch.device,
+    *, alternate: bool = False,
+) -> dict[str, list[float]]:
+    """Seconds/step of each candidate in each round, running the candidates in turn every round so that machine
+    noise (other processes, clock changes) hits them alike; ``alternate`` reverses their order every other
+    round, so that neither always runs right after the other (caches, allocator state, clocks)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            samples[name].append(time_steps(step, steps_per_round, device))
+    order = list(steps)
+    for index in range(rounds):
+        for name in (reversed(order) if alternate and index % 2 else order):
+            samples[name].append(time_steps(steps[name], steps_per_round, device))
+    return samples
+
+
+def interleaved_seconds_per_step(
+    steps: dict[str, Callable[[], None]], rounds: int, steps_per_round: int, device: torch.device,
+    *, alternate: bool = False,
+) -> dict[str, float]:
+    """Median seconds/step of each candidate over :func:`interleaved_samples`' rounds."""
+    samples = interleaved_samples(steps, rounds, steps_per_round, device, alternate=alternate)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -100,3 +112,10 @@ def environment() -> dict[str, str]:
     except ImportError:
         pass
     return info
+
+
+def mfu_and_memory_cells(result: dict) -> tuple[str, str]:
+    """A result's MFU and peak memory as table cells ``(6 wide, 9 wide)``; ``-`` where not measured (CPU)."""
+    mfu = f"{100 * result['mfu']:5.1f}%" if result.get("mfu") is not None else "    -"
+    mem = f"{result['peak_mem_gib']:9.2f}" if result.get("peak_mem_gib") is not None else "        -"
+    return mfu, mem

@@ -1,11 +1,20 @@
 """``evamim bench data``: decode + augment + collate throughput, side by side with a plain pipeline.
 
 Pipelines (same images, same batch size, same DataLoader settings, same crop recipe):
-- ``ours``: evamim's pre-training loader (JPEG draft decode, crop-then-resize in one PIL pass,
-  fused normalisation, per-sample seeded crops, bad-sample handling, collate with masks off).
-- ``ours-nodraft``: the same with ``jpeg_draft=False``, to show what the draft alone buys.
+- ``ours``: evamim's pre-training loader as ``evamim pretrain`` builds it (JPEG draft decode,
+  crop-then-resize in one PIL pass, per-sample seeded crops, bad-sample handling, collate with masks
+  off), delivering uint8 crops (``output="uint8"``): the normalisation runs on the accelerator in the
+  training step (``normalize_on_device``) and is not part of this measurement.
+- ``ours-float``: the same loader delivering normalised float32 (``output="float"``, fused
+  normalisation in the workers): what it delivered before, and what the other tasks still get.
+- ``ours-nodraft``: ``ours`` with ``jpeg_draft=False``, to show what the draft alone buys.
 - ``baseline``: ``Image.open(path).convert("RGB")`` + torchvision ``RandomResizedCrop`` (same
-  scale, ratio and bicubic filter) + flip + ``ToTensor`` + ``Normalize``, ``default_collate``.
+  scale, ratio and bicubic filter) + flip + ``ToTensor`` + ``Normalize``, ``default_collate``: the
+  pipeline as a user would write it, float32 out.
+- ``gpu-decode`` (measurement only, needs CUDA): the file bytes are read in the workers and decoded
+  in the main process on the GPU with ``torchvision.io.decode_jpeg(device="cuda")``, then cropped,
+  resized (bicubic, antialiased) and flipped there; uint8 crops on the GPU. Its pixels are not
+  torchvision's PIL-based ``resized_crop``: it is for sizing what GPU decoding could buy.
 
 Runs alternate between pipelines (the order flips every repeat) and the median is reported, so a
 slow spell on a shared machine hits every pipeline alike. A run is timed from creating the
@@ -33,7 +42,7 @@ import numpy as np
 
 from evamim.flags import int_at_least, int_in_range
 
-PIPELINES = ("ours", "ours-nodraft", "baseline")
+PIPELINES = ("ours", "ours-float", "ours-nodraft", "baseline", "gpu-decode")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int_at_least(1), default=224, help="output crop side (default 224)")
     parser.add_argument("--repeats", type=int_at_least(1), default=3,
                         help="alternating runs per pipeline (median reported; default 3)")
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=["ours", "baseline"], help="what to compare")
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=["ours", "ours-float", "baseline"],
+                        help="what to compare (default ours ours-float baseline; gpu-decode needs CUDA)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--make-images", metavar="DIR", help="write benchmark JPEGs into DIR and exit")
     parser.add_argument("--count", type=int_at_least(1), default=256, help="with --make-images: number of images (default 256)")
@@ -67,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.source:
         print("evamim bench data: pass --source DIR (or --make-images DIR to create benchmark images)")
+        return 2
+    if "gpu-decode" in args.pipelines and (problem := gpu_decode_problem()):
+        print(f"evamim bench data: --pipelines gpu-decode needs {problem}")
         return 2
     result = benchmark(
         args.source,
@@ -193,7 +206,7 @@ def _baseline_loader(paths: list[str], workers: int, batch_size: int, image_size
     )
 
 
-def _ours_loader(list_file: str, workers: int, batch_size: int, image_size: int, draft: bool):
+def _ours_loader(list_file: str, workers: int, batch_size: int, image_size: int, draft: bool, output: str):
     from evamim.data.config import DataConfig
     from evamim.data.loader import build_loader
 
@@ -206,7 +219,90 @@ def _ours_loader(list_file: str, workers: int, batch_size: int, image_size: int,
         pin_memory=False,
         jpeg_draft=draft,
     )
-    return build_loader(cfg, batch_size=batch_size, rank=0, world_size=1)
+    return build_loader(cfg, batch_size=batch_size, rank=0, world_size=1, output=output)
+
+
+# ------------------------------------------------------------------------------------ GPU decoding
+
+
+def gpu_decode_problem() -> str | None:
+    """Why ``gpu-decode`` cannot run here (one line), or None when it can."""
+    import evamim  # noqa: F401  (torchvision guard)
+    import torch
+
+    if not torch.cuda.is_available():
+        return "a CUDA GPU (torch.cuda.is_available() is False here)"
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        decode_jpeg([_tiny_jpeg()], mode=ImageReadMode.RGB, device="cuda")  # the call the pipeline makes
+    except Exception as error:  # noqa: BLE001  (any failure means: not usable here)
+        return f"torchvision.io.decode_jpeg on CUDA, which failed: {type(error).__name__}: {error}".splitlines()[0]
+    return None
+
+
+def _tiny_jpeg():
+    import io
+
+    import torch
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 30, 200)).save(buffer, format="JPEG")
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+class _BytesDataset:
+    """The workers' share of ``gpu-decode``: the encoded file bytes, nothing else."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        with open(self.paths[index], "rb") as file:
+            return torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
+
+
+class _GpuDecodeLoader:
+    """Batches of encoded JPEGs from the workers, decoded, cropped and resized on the GPU in this process."""
+
+    def __init__(self, paths: list[str], workers: int, batch_size: int, image_size: int):
+        import torch
+
+        self.loader = torch.utils.data.DataLoader(
+            _BytesDataset(paths), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+            prefetch_factor=2 if workers else None, collate_fn=list,
+        )
+        self.image_size = image_size
+        self.rng = np.random.default_rng(0)
+
+    def __iter__(self):
+        import torch
+        import torch.nn.functional as F
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        from evamim.data.image_ops import sample_crop
+
+        size = self.image_size
+        for encoded in self.loader:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device="cuda")
+            crops = []
+            for image in decoded:
+                height, width = image.shape[-2:]
+                left, top, crop_w, crop_h = sample_crop(width, height, (0.2, 1.0), (3 / 4, 4 / 3), self.rng)
+                crop = image[None, :, top : top + crop_h, left : left + crop_w].float()
+                crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+                if self.rng.random() < 0.5:
+                    crop = crop.flip(-1)
+                crops.append(crop.round_().clamp_(0, 255).to(torch.uint8))
+            batch = torch.cat(crops)
+            torch.cuda.synchronize()  # the batch is ready when it is handed out, as a loader's would be
+            yield {"images": batch}
 
 
 @dataclasses.dataclass
@@ -256,17 +352,28 @@ def benchmark(
     batch_size: int = 32,
     image_size: int = 224,
     repeats: int = 3,
-    pipelines: list[str] | tuple[str, ...] = ("ours", "baseline"),
+    pipelines: list[str] | tuple[str, ...] = ("ours", "ours-float", "baseline"),
 ) -> dict:
     """Throughput of each pipeline for each worker count, plus the machine and image facts.
 
     Per run: wall-clock images/s (what a training job would see on this machine, now) and images
     per CPU-second of the loading processes (what one worker does when it has a core to itself;
     insensitive to other load on a shared machine).
+
+    Raises:
+        ValueError: an unknown pipeline, or ``gpu-decode`` without a CUDA GPU (one line saying so).
     """
     from evamim.data.files import scan_folder
 
-    entries, _ = scan_folder(source, labels=False)
+    unknown = [name for name in pipelines if name not in PIPELINES]
+    if unknown:
+        raise ValueError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
+    if "gpu-decode" in pipelines and (problem := gpu_decode_problem()):  # also warms nvjpeg up
+        raise ValueError(f"pipeline gpu-decode needs {problem}")
+
+    # Absolute paths: the list file the loader reads lives in a temporary folder, and a list's relative
+    # paths are read relative to the list file.
+    entries, _ = scan_folder(os.path.abspath(source), labels=False)
     paths = [entry.path for entry in entries]
     load_before = [round(x, 2) for x in os.getloadavg()]
     images = batch_size * batches
@@ -276,9 +383,11 @@ def benchmark(
         list_file = os.path.join(tmp, "bench.txt")
         Path(list_file).write_text("\n".join(repeated) + "\n")
         makers = {
-            "ours": lambda w: _ours_loader(list_file, w, batch_size, image_size, draft=True),
-            "ours-nodraft": lambda w: _ours_loader(list_file, w, batch_size, image_size, draft=False),
+            "ours": lambda w: _ours_loader(list_file, w, batch_size, image_size, draft=True, output="uint8"),
+            "ours-float": lambda w: _ours_loader(list_file, w, batch_size, image_size, draft=True, output="float"),
+            "ours-nodraft": lambda w: _ours_loader(list_file, w, batch_size, image_size, draft=False, output="uint8"),
             "baseline": lambda w: _baseline_loader(repeated, w, batch_size, image_size),
+            "gpu-decode": lambda w: _GpuDecodeLoader(repeated, w, batch_size, image_size),
         }
         runs: dict[tuple[str, int], list[_Run]] = {}
         for repeat in range(repeats):
@@ -377,6 +486,8 @@ def format_result(result: dict) -> str:
         f"JPEG draft decodes 100 crops of the first at {images['jpeg_draft_decodes_at']}",
         f"{result['batches']} batches of {result['batch_size']}, {result['image_size']} px crops; "
         "median of alternating runs (best = fastest run)",
+        "ours and ours-nodraft deliver uint8 crops (normalised later on the accelerator, not timed here); "
+        "ours-float and baseline deliver normalised float32",
         "",
         f"{'pipeline':<14}{'workers':>8}{'img/s':>9}{'img/s/worker':>14}{'best img/s':>12}{'img/worker-CPU-s':>18}",
     ]

@@ -13,7 +13,14 @@ import json
 
 import torch
 
-from evamim.bench.common import DTYPES, device_description, environment, interleaved_seconds_per_step, peak_tflops
+from evamim.bench.common import (
+    DTYPES,
+    device_description,
+    environment,
+    interleaved_seconds_per_step,
+    mfu_and_memory_cells,
+    peak_tflops,
+)
 from evamim.flags import add_device_argument, add_hidden_alias, add_precision_argument, int_at_least, positive_float
 from evamim.models.checkpoint import timm_model_kwargs, to_timm_state_dict
 from evamim.models.flops import forward_flops
@@ -135,8 +142,7 @@ def format_report(report: dict) -> str:
         f"{'':8} {'img/s':>9} {'s/step':>8} {'MFU':>6} {'peak GiB':>9}",
     ]
     for name, r in report["results"].items():
-        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
-        mem = f"{r['peak_mem_gib']:9.2f}" if r["peak_mem_gib"] is not None else "        -"
+        mfu, mem = mfu_and_memory_cells(r)
         lines.append(f"{name:8} {r['img_per_s']:9.2f} {r['s_per_step']:8.3f} {mfu:>6} {mem}")
     if "speedup_vs_timm" in report:
         lines.append(f"evamim / timm: {report['speedup_vs_timm']:.3f}x")

@@ -1,7 +1,8 @@
 """Collate sample dicts into a batch dict, drawing the masks (in the workers, off the GPU's path).
 
 Batch keys of ``Collator`` (present when the samples have them); every entry holds one row per sample:
-- ``images``: ``(B, 3, H, W)`` float32, normalised with the student's mean/std.
+- ``images``: ``(B, 3, H, W)`` float32, normalised with the student's mean/std; or uint8 pixels when the
+  transform gives uint8 (``build_loader(..., output="uint8")``: normalised on the device).
 - ``masks``: ``(B, N)`` bool, True = masked patch (only with a mask generator).
 - ``labels``: ``(B,)`` long.  ``captions``: list of B str.
 - ``indices``: ``(B,)`` long dataset indices (map-style).  ``keys``: list of B shard keys (shards).

@@ -2,11 +2,15 @@
 
 ``ImageTransform`` is what datasets call: ``prepare(rng)`` gives one sample's plan, whose
 ``draft_size(width, height)`` guides the JPEG decoder and whose call turns the decoded image into a
-normalised ``(3, H, W)`` float tensor. The recipes built on it live in ``evamim.data.transforms``.
+``(3, H, W)`` tensor: normalised float32, or (``output="uint8"``) the crop's pixels as uint8, which the
+training process normalises on the device with ``normalize_on_device`` (a quarter of the bytes to
+hand from the workers to the training process and to copy to the accelerator). The recipes built on
+it live in ``evamim.data.transforms``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,14 +83,69 @@ def as_image_transform(transform: Any) -> ImageTransform:
 # Tensor conversion and renormalisation
 
 
+OUTPUTS = ("float", "uint8")
+"""What the built-in pre-training and evaluation transforms return: ``float`` = ``(3, H, W)`` float32
+normalised with their mean/std; ``uint8`` = ``(3, H, W)`` uint8, the crop's pixels (0..255), to be
+normalised on the device (``normalize_on_device``)."""
+
+
+def check_output(output: str) -> str:
+    """``output`` if it is one of ``OUTPUTS``; else ValueError naming the choices."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    return output
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``(3, H, W)`` uint8, its exact pixels (a contiguous copy, channels first)."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> ``(3, H, W)`` float32, ``(pixel / 255 - mean) / std`` per channel."""
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).to(torch.float32)
-    # One fused multiply-add instead of /255, -mean, /std: three passes over the image become two.
+    tensor = to_uint8_tensor(image).to(torch.float32)
+    scale, shift = _affine(tuple(float(v) for v in mean), tuple(float(v) for v in std), torch.device("cpu"))
+    return tensor.mul_(scale).add_(shift)
+
+
+def to_output_tensor(image: Image.Image, output: str, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``to_uint8_tensor(image)`` for ``output="uint8"``, else ``to_normalized_tensor(image, mean, std)``."""
+    return to_uint8_tensor(image) if output == "uint8" else to_normalized_tensor(image, mean, std)
+
+
+def normalize_on_device(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(..., 3, H, W)`` pixels -> float32 ``(pixel / 255 - mean) / std`` per channel, where they are.
+
+    Call it after ``images.to(device, non_blocking=True)``: the normalisation then runs on the
+    accelerator, after a copy of a quarter of the float32 bytes. It computes exactly what the
+    loader's float output (``to_normalized_tensor``) computes, in the same fused form
+    (``pixel * (1 / (255 std)) + (-mean / std)`` in float32), so both give the same numbers (bit for
+    bit on the CPU).
+
+    A floating-point batch is returned unchanged: it is taken to be normalised already (the
+    transforms' ``output="float"``, or a user's own float pipeline), so code that always calls this
+    works with either kind of loader. Any other dtype raises TypeError.
+    """
+    if images.is_floating_point():
+        return images
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_on_device takes uint8 pixels (or already normalised floats), got {images.dtype}")
+    if images.ndim < 3 or images.shape[-3] != 3:
+        raise ValueError(f"normalize_on_device takes (..., 3, H, W) images, got shape {tuple(images.shape)}")
+    scale, shift = _affine(tuple(float(v) for v in mean), tuple(float(v) for v in std), images.device)
+    return images.to(torch.float32).mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=32)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # One fused multiply-add instead of /255, -mean, /std: three passes over the image become two. Cached
+    # per device, so a training step does not copy two tiny tensors to the accelerator every time.
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(3, 1, 1)
-    return tensor.mul_(scale).add_(shift)
+    return scale.to(device), shift.to(device)
 
 
 def renormalize(

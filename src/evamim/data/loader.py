@@ -327,12 +327,19 @@ def build_loader(
     shuffle: bool | None = None,
     drop_last: bool | None = None,
     multiprocessing_context: Any = None,
+    output: str = "float",
 ) -> Loader:
     """A ``Loader`` for ``cfg`` and ``purpose`` (``pretrain``, ``finetune`` or ``eval``).
 
     Args:
         batch_size: samples per batch on this rank.
         transform: overrides the purpose's transform (any ``callable(PIL image) -> tensor``).
+        output: what ``batch["images"]`` holds: ``float`` = ``(B, 3, H, W)`` float32 normalised with
+            ``cfg.mean``/``cfg.std``; ``uint8`` (``pretrain`` and ``eval``) = the crops' pixels as
+            ``(B, 3, H, W)`` uint8, a quarter of the bytes to pass from the workers and to copy to the
+            accelerator (pinned when CUDA is present and ``cfg.pin_memory``): move the batch with
+            ``.to(device, non_blocking=True)``, then ``normalize_on_device(images, cfg.mean, cfg.std)``
+            gives the float output's numbers. Not with ``transform`` (which decides its own output).
         mask_generator: ``(batch_size, rng) -> (batch_size, N)`` bool, True = masked; adds
             ``batch["masks"]``. Called per sample in the collate step (see ``Collator``).
         rank, world_size: default to the initialised process group (else 0 and 1); pass both to
@@ -350,7 +357,12 @@ def build_loader(
     training = purpose != "eval"
     shuffle = (cfg.shuffle if training else False) if shuffle is None else shuffle
     drop_last = training if drop_last is None else drop_last
-    transform = build_transform(cfg, purpose) if transform is None else transform
+    if transform is not None and output != "float":
+        raise ValueError(
+            f"output={output!r} applies to the built-in transforms, and a transform was given: it decides its own "
+            "output (drop output=, and build the transform with output='uint8' for uint8 pixels)"
+        )
+    transform = build_transform(cfg, purpose, output=output) if transform is None else transform
     dataset = build_dataset(cfg, transform, rank=rank, world_size=world_size, shuffle=shuffle)
     return Loader(
         dataset,

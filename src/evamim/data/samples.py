@@ -50,7 +50,7 @@ def make_sample(
     """Augment one raw sample with its transform ``plan`` into the dict the collate step expects.
 
     ``plan`` is ``transform.prepare(sample_rng(seed_key, AUGMENT_STREAM))``, the same plan the
-    image was decoded with. Returns ``{"image": (3, H, W) float tensor, "seed_key": ...,
+    image was decoded with. Returns ``{"image": (3, H, W) tensor (float, or uint8 pixels), "seed_key": ...,
     "label": int, "caption": str}``; ``label``/``caption`` only when asked for.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Image transforms: PIL image in, normalised ``(3, H, W)`` float tensor out.
+"""Image transforms: PIL image in, normalised ``(3, H, W)`` float tensor out (or uint8 pixels, below).
 
 Three recipes:
 - ``PretrainTransform``: RandomResizedCrop (EVA: scale (0.2, 1), ratio (3/4, 4/3), bicubic) and a
@@ -11,6 +11,13 @@ The student and the teacher see the same crop. The pre-training transform makes 
 returns it once, normalised for the student; a teacher that expects another normalisation converts
 the batch tensor with ``renormalize`` (an exact affine map of the same pixels), so there is never a
 second crop to keep in sync.
+
+uint8 output: the pre-training and evaluation transforms take ``output="uint8"`` and then return the
+crop's pixels as ``(3, H, W)`` uint8 (exactly the pixels the float output normalises) instead of
+normalised float32. The pre-training task uses it: the workers hand a quarter of the bytes to the
+training process, which copies them to the accelerator and normalises there
+(``evamim.data.image_ops.normalize_on_device``, the same numbers as the float output). The
+fine-tuning transform stays float: its random erasing acts on normalised images.
 
 Every transform takes an optional ``numpy.random.Generator``. The pre-training and evaluation
 transforms draw all their randomness from it, so a sample's crop is reproducible from its seed;
@@ -42,16 +49,21 @@ from evamim.data.config import DataConfig
 from evamim.data.image_ops import (
     INTERPOLATION,
     CallableTransform,
+    OUTPUTS,
     CropParams,
     ImageTransform,
     SamplePlan,
     as_image_transform,
+    check_output,
     denormalize,
     draft_size_for_crop,
     draft_size_for_resize,
     renormalize,
+    normalize_on_device,
     sample_crop,
     to_normalized_tensor,
+    to_output_tensor,
+    to_uint8_tensor,
 )
 from evamim.data.randaugment import FinetuneTransform, patch_posterize, posterize_keeping_bits
 
@@ -59,8 +71,10 @@ from evamim.data.randaugment import FinetuneTransform, patch_posterize, posteriz
 class PretrainTransform(ImageTransform):
     """RandomResizedCrop + horizontal flip + normalisation: one crop shared by student and teacher.
 
-    Output: ``(3, size, size)`` float32 normalised with ``mean``/``std`` (the student's). The teacher
-    gets the same tensor and renormalises it itself (``renormalize``); there is no second crop.
+    Output: ``(3, size, size)`` float32 normalised with ``mean``/``std`` (the student's), or with
+    ``output="uint8"`` the crop's pixels as uint8 (``normalize_on_device`` with the same mean/std then
+    gives the float output's numbers). The teacher gets the same tensor and renormalises it itself
+    (``renormalize``); there is no second crop.
     """
 
     def __init__(
@@ -73,8 +87,10 @@ class PretrainTransform(ImageTransform):
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         jpeg_draft: bool = True,
+        output: str = "float",
     ):
         self.size = int(size)
+        self.output = check_output(output)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.interpolation = INTERPOLATION[interpolation]
@@ -106,14 +122,14 @@ class PretrainTransform(ImageTransform):
         return CropParams(left, top, crop_w, crop_h, flip=bool(rng.random() < self.hflip))
 
     def apply(self, image: Image.Image, params: CropParams) -> torch.Tensor:
-        """Crop, resize and flip ``image`` as ``params`` say, then normalise."""
+        """Crop, resize and flip ``image`` as ``params`` say, then normalise (or keep uint8, see ``output``)."""
         box = (params.left, params.top, params.left + params.width, params.top + params.height)
         # Crop, then resize (not resize(box=...), which lets the filter reach outside the crop): the
         # same pixels as torchvision's resized_crop, so either can serve as the other's reference.
         out = image.crop(box).resize((self.size, self.size), self.interpolation)
         if params.flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(out, self.mean, self.std)
+        return to_output_tensor(out, self.output, self.mean, self.std)
 
     def apply_to_reduced(self, image: Image.Image, params: CropParams, source_size: tuple[int, int]) -> torch.Tensor:
         """Apply ``params``, drawn for an image of ``source_size``, to a reduced decode of it."""
@@ -125,7 +141,7 @@ class PretrainTransform(ImageTransform):
         out = image.resize((self.size, self.size), self.interpolation, box=box)
         if params.flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(out, self.mean, self.std)
+        return to_output_tensor(out, self.output, self.mean, self.std)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         rng = np.random.default_rng() if rng is None else rng
@@ -134,7 +150,8 @@ class PretrainTransform(ImageTransform):
     def __repr__(self) -> str:
         return (
             f"PretrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-            f"interpolation={self.interpolation.name.lower()}, hflip={self.hflip}, mean={self.mean}, std={self.std})"
+            f"interpolation={self.interpolation.name.lower()}, hflip={self.hflip}, mean={self.mean}, std={self.std}, "
+            f"output={self.output})"
         )
 
 
@@ -173,7 +190,8 @@ class PretrainPlan(SamplePlan):
 class EvalTransform(ImageTransform):
     """Resize the shorter side to ``floor(size / crop_pct)``, centre-crop ``size``, normalise.
 
-    Matches timm's ``transforms_imagenet_eval`` (same rounding); deterministic, ``rng`` unused.
+    Matches timm's ``transforms_imagenet_eval`` (same rounding); deterministic, ``rng`` unused. With
+    ``output="uint8"`` the crop's pixels come out as uint8 instead (as ``PretrainTransform``).
     """
 
     def __init__(
@@ -184,8 +202,10 @@ class EvalTransform(ImageTransform):
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
         jpeg_draft: bool = True,
+        output: str = "float",
     ):
         self.size = int(size)
+        self.output = check_output(output)
         self.crop_pct = float(crop_pct)
         self.resize_to = math.floor(self.size / self.crop_pct)
         self.interpolation = INTERPOLATION[interpolation]
@@ -206,17 +226,30 @@ class EvalTransform(ImageTransform):
         top = int(round((new_h - self.size) / 2.0))
         left = int(round((new_w - self.size) / 2.0))
         image = image.crop((left, top, left + self.size, top + self.size))
-        return to_normalized_tensor(image, self.mean, self.std)
+        return to_output_tensor(image, self.output, self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(size={self.size}, crop_pct={self.crop_pct}, mean={self.mean}, std={self.std})"
+        return (
+            f"EvalTransform(size={self.size}, crop_pct={self.crop_pct}, mean={self.mean}, std={self.std}, "
+            f"output={self.output})"
+        )
 
 
 PURPOSES = ("pretrain", "finetune", "eval")
 
 
-def build_transform(cfg: DataConfig, purpose: str = "pretrain") -> ImageTransform:
-    """The transform for ``purpose`` (pretrain, finetune or eval) configured from ``cfg``."""
+def build_transform(cfg: DataConfig, purpose: str = "pretrain", output: str = "float") -> ImageTransform:
+    """The transform for ``purpose`` (pretrain, finetune or eval) configured from ``cfg``.
+
+    ``output``: ``float`` (normalised float32) or ``uint8`` (the pixels, to be normalised on the device
+    with ``normalize_on_device(images, cfg.mean, cfg.std)``); ``finetune`` is float only.
+    """
+    check_output(output)
+    if purpose == "finetune" and output != "float":
+        raise ValueError(
+            "the finetune transform only gives normalised floats (its random erasing and mixup act on them): "
+            "build it with output='float'"
+        )
     common = dict(
         size=cfg.image_size,
         interpolation=cfg.interpolation,
@@ -225,7 +258,9 @@ def build_transform(cfg: DataConfig, purpose: str = "pretrain") -> ImageTransfor
         jpeg_draft=cfg.jpeg_draft,
     )
     if purpose == "pretrain":
-        return PretrainTransform(scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip, **common)
+        return PretrainTransform(
+            scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip, output=output, **common
+        )
     if purpose == "finetune":
         return FinetuneTransform(
             scale=tuple(cfg.finetune_crop_scale),
@@ -236,13 +271,14 @@ def build_transform(cfg: DataConfig, purpose: str = "pretrain") -> ImageTransfor
             **common,
         )
     if purpose == "eval":
-        return EvalTransform(crop_pct=cfg.crop_pct, **common)
+        return EvalTransform(crop_pct=cfg.crop_pct, output=output, **common)
     raise ValueError(f"unknown transform purpose {purpose!r}; expected one of {', '.join(PURPOSES)}")
 
 
 # The image helpers and the fine-tuning transform live in their own modules; they stay importable here.
 __all__ = [
     "INTERPOLATION",
+    "OUTPUTS",
     "PURPOSES",
     "CallableTransform",
     "CropParams",
@@ -254,12 +290,16 @@ __all__ = [
     "SamplePlan",
     "as_image_transform",
     "build_transform",
+    "check_output",
     "denormalize",
     "draft_size_for_crop",
     "draft_size_for_resize",
     "patch_posterize",
     "posterize_keeping_bits",
+    "normalize_on_device",
     "renormalize",
     "sample_crop",
     "to_normalized_tensor",
+    "to_output_tensor",
+    "to_uint8_tensor",
 ]

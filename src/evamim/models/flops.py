@@ -44,18 +44,44 @@ def vit_forward_macs(shape: VitShape, img_size: int | tuple[int, int], head_toke
     ``head_tokens``: how many tokens go through the output projection (all patch tokens by default;
     EVA's lm_head sees only the masked ones).
     """
+    patches = _num_patches(shape, img_size)
+    head = (patches if head_tokens is None else head_tokens) * shape.embed_dim * shape.output_dim
+    return _patch_embed_macs(shape, patches) + blocks_macs(shape, patches + shape.num_prefix_tokens) + head
+
+
+def _num_patches(shape: VitShape, img_size: int | tuple[int, int]) -> int:
     height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-    patches = (height // shape.patch_size) * (width // shape.patch_size)
-    tokens = patches + shape.num_prefix_tokens
+    return (height // shape.patch_size) * (width // shape.patch_size)
+
+
+def _patch_embed_macs(shape: VitShape, patches: int) -> int:
+    return patches * shape.embed_dim * shape.in_chans * shape.patch_size**2
+
+
+def blocks_macs(shape: VitShape, tokens: int) -> int:
+    """MACs of ``shape.depth`` transformer blocks on a sequence of ``tokens`` tokens."""
     dim, hidden = shape.embed_dim, shape.mlp_hidden_dim
-    patch_embed = patches * dim * shape.in_chans * shape.patch_size**2
     qkv_and_proj = tokens * 4 * dim * dim
     attention = 2 * tokens * tokens * dim  # q @ k^T and attn @ v
     mlp_in = tokens * dim * hidden * (2 if shape.swiglu else 1)
     mlp_out = tokens * hidden * dim
-    blocks = shape.depth * (qkv_and_proj + attention + mlp_in + mlp_out)
-    head = (patches if head_tokens is None else head_tokens) * dim * shape.output_dim
-    return patch_embed + blocks + head
+    return shape.depth * (qkv_and_proj + attention + mlp_in + mlp_out)
+
+
+def mae_forward_flops(config: EvaViTConfig, decoder_depth: int, decoder_width: int, decoder_mlp_ratio: float,
+                      num_masked: int, output_dim: int, img_size: int | tuple[int, int] | None = None) -> int:
+    """Forward FLOPs of one image through an MAE-style student (objective clip_mae): the patch embedding on every
+    patch, the encoder's blocks on cls + the visible patches, the decoder's input projection, its blocks on every
+    position, and its output projection on the ``num_masked`` masked patches."""
+    encoder = VitShape.from_config(config, output_dim=0)
+    patches = _num_patches(encoder, img_size or config.img_size)
+    decoder = VitShape(embed_dim=decoder_width, depth=decoder_depth, mlp_hidden_dim=int(decoder_width * decoder_mlp_ratio),
+                       patch_size=1)
+    visible_tokens = patches - num_masked + encoder.num_prefix_tokens
+    macs = (_patch_embed_macs(encoder, patches) + blocks_macs(encoder, visible_tokens)
+            + visible_tokens * encoder.embed_dim * decoder_width + blocks_macs(decoder, patches + 1)
+            + num_masked * decoder_width * output_dim)
+    return 2 * macs
 
 
 def forward_flops(config: EvaViTConfig, img_size: int | tuple[int, int] | None = None, head_tokens: int | None = 0) -> int:

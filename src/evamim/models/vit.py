@@ -166,6 +166,28 @@ class EvaViT(nn.Module):
             x = self._run_block(block, x, rope)
         return self.norm(x)
 
+    def forward_visible(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """MAE-style encoding: images (B, 3, H, W) and ``visible`` (B, K) long patch indices (row-major, the same
+        count K for every image) -> tokens (B, 1 + K, C) after the final norm, cls first, then the visible patches
+        in the order given.
+
+        The masked patches are dropped after the position embedding (absolute and RoPE alike follow each token),
+        so each visible token carries the position it has in the full grid; blocks then see only 1 + K tokens.
+        Needs no mask token.
+        """
+        x, rope, grid = self._embed(images, None)
+        if visible.ndim != 2 or visible.shape[0] != x.shape[0] or visible.dtype != torch.long:
+            raise ValueError(f"visible must be (batch, K) long patch indices, got {tuple(visible.shape)} {visible.dtype}")
+        index = visible.unsqueeze(-1)
+        x = torch.cat((x[:, :1], x[:, 1:].gather(1, index.expand(-1, -1, x.shape[-1]))), dim=1)
+        if rope is not None:
+            # (N, D) tables -> (B, 1, K, D): each image's visible positions, broadcast over the heads.
+            sin, cos = rope
+            rope = tuple(table[visible].unsqueeze(1) for table in (sin, cos))
+        for block in self.blocks:
+            x = self._run_block(block, x, rope)
+        return self.norm(x)
+
     def forward_intermediates(
         self,
         images: torch.Tensor,

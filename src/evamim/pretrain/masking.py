@@ -123,6 +123,8 @@ class BlockMasking:
         max_num_patches: largest block area; None = the remaining budget (EVA).
         min_aspect: smallest aspect ratio h/w of a block (0.3 for EVA).
         max_aspect: largest aspect ratio; None = ``1 / min_aspect``.
+        fill_to_budget: after the blocks, mask patches drawn uniformly from the unmasked ones until every image
+            has exactly the budget (for MAE-style encoders, which need the same count per image). Off for EVA.
 
     Call: ``masks = BlockMasking(grid=(16, 16))(batch_size, rng)`` -> ``torch.bool`` (B, H*W), True = masked.
     """
@@ -136,6 +138,7 @@ class BlockMasking:
         max_num_patches: int | None = None,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
+        fill_to_budget: bool = False,
     ):
         self.height, self.width = _grid(grid)
         self.grid = (self.height, self.width)
@@ -162,12 +165,14 @@ class BlockMasking:
             raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect} and {max_aspect}")
         self.min_aspect, self.max_aspect = min_aspect, max_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
+        self.fill_to_budget = bool(fill_to_budget)
 
     def __repr__(self) -> str:
         return (
             f"BlockMasking(grid={self.grid}, num_masking_patches={self.num_masking_patches}, "
             f"min_num_patches={self.min_num_patches}, max_num_patches={self.max_num_patches}, "
-            f"aspect=({self.min_aspect:.3g}, {self.max_aspect:.3g}))"
+            f"aspect=({self.min_aspect:.3g}, {self.max_aspect:.3g})"
+            + (", filled to the budget)" if self.fill_to_budget else ")")
         )
 
     def _place_block(self, mask: np.ndarray, max_block: int, draws: _UniformStream) -> int:
@@ -196,10 +201,19 @@ class BlockMasking:
             if delta == 0:
                 break
             count += delta
-        return mask.reshape(-1)
+        mask = mask.reshape(-1)
+        if self.fill_to_budget and count < self.num_masking_patches:
+            free = np.flatnonzero(~mask)
+            # A partial Fisher-Yates shuffle of the free patches: the first `missing` are a uniform subset.
+            for index in range(self.num_masking_patches - count):
+                pick = draws.randint(index, len(free) - 1)
+                free[index], free[pick] = free[pick], free[index]
+            mask[free[: self.num_masking_patches - count]] = True
+        return mask
 
     def __call__(self, batch_size: int, rng: np.random.Generator | int | None = None) -> torch.Tensor:
-        """(batch_size,) -> torch.bool (B, H*W), True = masked; per-image counts vary, each <= the budget."""
+        """(batch_size,) -> torch.bool (B, H*W), True = masked; per-image counts vary, each <= the budget
+        (exactly the budget with ``fill_to_budget``)."""
         batch_size = _check_batch_size(batch_size)
         draws = _UniformStream(_rng(rng))
         masks = np.zeros((batch_size, self.num_patches), dtype=bool)

@@ -8,9 +8,12 @@
 - ``targets``: the teacher's (B, N, D) patch features, or None for objectives without a teacher.
 
 Every objective returns ``loss`` (a scalar float32 tensor, fp32 even under autocast) and named, detached
-metrics. Masked objectives gather the masked tokens of the whole batch with the boolean mask: the number
-of masked patches varies from image to image (block masking) and is never assumed fixed. A batch without
-any masked patch gives a NaN loss, which the training loop's non-finite guard reports.
+metrics. The masked objectives never index with the boolean mask (``features[masks]`` makes the GPU report
+how many tokens it selected, a device sync every step): the head runs on every token and the loss is the
+mask-weighted mean over the whole batch, which is the mean over the masked tokens whatever their number per
+image (block masking varies it). A batch without any masked patch gives a NaN loss, which the training
+loop's non-finite guard reports. ``clip_mae`` (:mod:`evamim.pretrain.mae`) needs the same count in every image
+and gathers with indices instead.
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ def _check_masks(masks: torch.Tensor, tokens: torch.Tensor) -> None:
         )
 
 
-def _check_targets(targets: torch.Tensor | None, tokens: torch.Tensor, objective: str) -> torch.Tensor:
+def _check_targets(targets: torch.Tensor | None, tokens: torch.Tensor | tuple[int, int], objective: str) -> torch.Tensor:
+    """``tokens``: the student's (B, N, ...) patch tokens or their (B, N) shape."""
+    shape = tuple(tokens) if isinstance(tokens, tuple) else tuple(tokens.shape[:2])
     if targets is None:
         raise ValueError(f"{objective} needs teacher targets (B, N, D), got None")
-    if tuple(targets.shape[:2]) != tuple(tokens.shape[:2]):
+    if tuple(targets.shape[:2]) != shape:
         raise ValueError(
-            f"{objective}: targets have shape {tuple(targets.shape)} but the student has {tuple(tokens.shape[:2])} "
+            f"{objective}: targets have shape {tuple(targets.shape)} but the student has {shape} "
             f"(batch, patches): build the teacher with student_grid equal to the student's grid_size"
         )
     # Targets are constants of the loss, whatever autograd state they arrive with.
@@ -72,30 +77,72 @@ def _check_head_width(prediction: torch.Tensor, width: int, objective: str, what
         )
 
 
-def _negative_cosine(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, D), (M, D) -> (loss = -mean cos, mean cos detached), both float32."""
+def _negative_cosine(prediction: torch.Tensor, target: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D), (..., D), optional (...) 0/1 weights -> (loss = -mean cos, mean cos detached), both float32;
+    with ``weights`` the mean is over the tokens weighted 1."""
     with _fp32(prediction.device):
         cosine = F.cosine_similarity(prediction.float(), target.float(), dim=-1)
-        mean_cosine = cosine.mean()
+        mean_cosine = cosine.mean() if weights is None else _weighted_mean(cosine, weights)
     return -mean_cosine, mean_cosine.detach()
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(values * weights) / sum(weights) in float32: the mean over the selected tokens, without asking the
+    device how many there are (NaN when none is selected, like the mean of an empty selection)."""
+    weights = weights.to(torch.float32)
+    return (values * weights).sum() / weights.sum()
 
 
 def clip_mim(student: nn.Module, batch: dict, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """EVA: predict the teacher's features at the masked patches from the visible ones.
 
     ``feats = student.forward_features(images, mask=masks)[:, 1:]`` (B, N, C);
-    ``pred = student.lm_head(feats[masks])`` (M, D) with M = masks.sum() over the whole batch;
-    ``loss = -mean cos(pred, targets[masks])`` over the M masked tokens.
+    ``pred = student.lm_head(feats)`` (B, N, D);
+    ``loss = -mean cos(pred, targets)`` over the M = masks.sum() masked tokens of the whole batch (as EVA's
+    ``lm_head(feats[masks])``; the head on the visible tokens costs ~0.2 % of the step and saves a device sync).
     Metrics: ``cos_masked`` (mean cosine), ``num_masked`` (M, as float).
     """
     images, masks = batch["images"], _masks(batch)
     features = _patch_tokens(student, images, masks)
     _check_masks(masks, features)
     targets = _check_targets(targets, features, "clip_mim")
-    prediction = student.lm_head(features[masks])
+    prediction = student.lm_head(features)
     _check_head_width(prediction, targets.shape[-1], "clip_mim", "the teacher")
-    loss, cosine = _negative_cosine(prediction, targets[masks])
+    loss, cosine = _negative_cosine(prediction, targets, weights=masks)
     return {"loss": loss, "cos_masked": cosine, "num_masked": masks.sum().float()}
+
+
+def clip_mae(student: nn.Module, batch: dict, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """EVA, MAE-style: the encoder sees only the visible patches, a decoder predicts the teacher's features at
+    the masked ones (:mod:`evamim.pretrain.mae`; EVA-L's recipe).
+
+    ``student`` is a :class:`~evamim.pretrain.mae.MaeStudent`; every image has the same number M of masked
+    patches. ``visible`` (B, K) / ``masked`` (B, M) indices come with the batch (the pre-training step adds them
+    on the CPU) or are computed from ``masks``. ``pred = student(images, visible, masked)`` (B, M, D);
+    ``loss = -mean cos(pred, targets at masked)`` over the B * M masked tokens.
+    Metrics: ``cos_masked``, ``num_masked`` (B * M, as float).
+    """
+    from evamim.pretrain.mae import mask_indices
+
+    images, masks = batch["images"], _masks(batch)
+    if not hasattr(student, "decoder") or not hasattr(student, "encoder"):
+        raise TypeError(f"clip_mae needs an encoder-decoder student (evamim.pretrain.mae.MaeStudent), got "
+                        f"{type(student).__name__}")
+    grid = student.encoder.grid_size
+    if tuple(masks.shape[1:]) != (grid[0] * grid[1],):
+        raise ValueError(f"batch['masks'] has shape {tuple(masks.shape)} but the student has {grid[0] * grid[1]} "
+                         "patches: the masks were made for another patch grid")
+    targets = _check_targets(targets, tuple(masks.shape), "clip_mae")
+    visible, masked = batch.get("visible"), batch.get("masked")
+    if visible is None or masked is None:
+        visible, masked = mask_indices(masks)
+    prediction = student(images, visible, masked)
+    _check_head_width(prediction, targets.shape[-1], "clip_mae", "the teacher")
+    target = targets.gather(1, masked.unsqueeze(-1).expand(-1, -1, targets.shape[-1]))
+    loss, cosine = _negative_cosine(prediction, target)
+    count = torch.full((), float(masked.numel()), device=prediction.device)  # a fill, not a host-to-device copy
+    return {"loss": loss, "cos_masked": cosine, "num_masked": count}
 
 
 def feature_distill(student: nn.Module, batch: dict, targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -138,23 +185,22 @@ def pixel_mim(
     The images are un-normalised with ``mean``/``std`` (the normalisation the data pipeline applied), cut
     into p x p patches (B, N, p*p*3), and with ``norm_pix`` each patch is normalised by its own mean and
     (unbiased) variance: ``(x - mean) / sqrt(var + eps)`` (MAE's norm_pix_loss).
-    ``pred = student.lm_head(feats[masks])`` (M, p*p*3); ``loss = mean squared error`` over the masked
-    patches. ``targets`` is ignored. Metrics: ``num_masked``.
+    ``pred = student.lm_head(feats)`` (B, N, p*p*3); ``loss = mean squared error`` over the masked patches
+    (mask-weighted, see clip_mim). ``targets`` is ignored. Metrics: ``num_masked``.
     """
     images, masks = batch["images"], _masks(batch)
     features = _patch_tokens(student, images, masks)
     _check_masks(masks, features)
     patch_size = int(student.patch_embed.patch_size)
-    prediction = student.lm_head(features[masks])
+    prediction = student.lm_head(features)
     with _fp32(images.device):
         mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
         pixels = patchify(images.float() * std_t + mean_t, patch_size)
         if norm_pix:
             pixels = (pixels - pixels.mean(dim=-1, keepdim=True)) / (pixels.var(dim=-1, keepdim=True) + eps) ** 0.5
-        target = pixels[masks]
-        _check_head_width(prediction, target.shape[-1], "pixel_mim", f"a {patch_size}x{patch_size}x3 patch")
-        loss = F.mse_loss(prediction.float(), target)
+        _check_head_width(prediction, pixels.shape[-1], "pixel_mim", f"a {patch_size}x{patch_size}x3 patch")
+        loss = _weighted_mean((prediction.float() - pixels).square().mean(dim=-1), masks)
     return {"loss": loss, "num_masked": masks.sum().float()}
 
 
@@ -170,6 +216,10 @@ class ObjectiveSpec:
     ``eval_metrics``: the returned metrics that validation averages (``loss`` first), each a mean over tokens,
     weighted by ``eval_weight`` (a returned count such as ``num_masked``) or, when None, by the images.
     ``data_options``: ``DataConfig`` fields passed to the objective as options (pixel_mim: mean, std).
+    ``encoder_decoder``: the student is an encoder on the visible patches + a decoder
+    (:class:`~evamim.pretrain.mae.MaeStudent`); every image then needs the same number of masked patches, the
+    step adds ``visible``/``masked`` indices to the CPU batch, and only the encoder is exported.
+    ``default_masking``: ``masking.kind`` when the config leaves it unset (``block`` = EVA, ``random`` = MAE).
     """
 
     name: str
@@ -182,6 +232,8 @@ class ObjectiveSpec:
     eval_metrics: tuple[str, ...]
     eval_weight: str | None = None
     data_options: tuple[str, ...] = ()
+    encoder_decoder: bool = False
+    default_masking: str = "block"
 
     def head_dim(self, teacher_dim: int | None, patch_size: int) -> int:
         """The width of the student's ``lm_head`` for this objective."""
@@ -221,7 +273,8 @@ _OBJECTIVES: dict[str, ObjectiveSpec] = {}
 def register_objective(name: str, fn: Callable[..., dict], *, description: str, needs_teacher: bool,
                        uses_masks: bool, eval_metrics: Sequence[str], eval_weight: str | None = None,
                        uses_mask_token: bool | None = None, head: str = "teacher",
-                       data_options: Sequence[str] = ()) -> ObjectiveSpec:
+                       data_options: Sequence[str] = (), encoder_decoder: bool = False,
+                       default_masking: str = "block") -> ObjectiveSpec:
     """Make ``fn(student, batch, targets, **options) -> {"loss": ..., metrics}`` available as
     ``objective: NAME`` in ``evamim pretrain`` (see :class:`ObjectiveSpec` for the properties)."""
     if name in _OBJECTIVES:
@@ -230,15 +283,25 @@ def register_objective(name: str, fn: Callable[..., dict], *, description: str, 
         raise ValueError(f"head must be 'teacher' or 'pixels', got {head!r}")
     if not eval_metrics or eval_metrics[0] != "loss":
         raise ValueError(f"eval_metrics must start with 'loss', got {list(eval_metrics)}")
-    spec = ObjectiveSpec(name, fn, description, needs_teacher, uses_masks,
-                         uses_masks if uses_mask_token is None else uses_mask_token, head, tuple(eval_metrics),
-                         eval_weight, tuple(data_options))
+    if default_masking not in ("block", "random"):
+        raise ValueError(f"default_masking must be 'block' or 'random', got {default_masking!r}")
+    if encoder_decoder and not uses_masks:
+        raise ValueError("an encoder-decoder objective needs masks (uses_masks=True)")
+    if uses_mask_token is None:
+        uses_mask_token = uses_masks and not encoder_decoder
+    spec = ObjectiveSpec(name, fn, description, needs_teacher, uses_masks, uses_mask_token, head, tuple(eval_metrics),
+                         eval_weight, tuple(data_options), encoder_decoder, default_masking)
     _OBJECTIVES[name] = spec
     return spec
 
 
 register_objective("clip_mim", clip_mim, description="EVA: teacher features at the masked patches, negative cosine",
                    needs_teacher=True, uses_masks=True, eval_metrics=("loss", "cos_masked"), eval_weight="num_masked")
+register_objective("clip_mae", clip_mae,
+                   description="EVA, MAE-style: encoder on the visible patches, a decoder predicts the teacher's "
+                               "features at the masked ones",
+                   needs_teacher=True, uses_masks=True, eval_metrics=("loss", "cos_masked"), eval_weight="num_masked",
+                   encoder_decoder=True, default_masking="random")
 register_objective("feature_distill", feature_distill,
                    description="feature distillation: every patch regresses the teacher's, no masking",
                    needs_teacher=True, uses_masks=False, eval_metrics=("loss", "cos"))

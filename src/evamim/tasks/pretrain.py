@@ -27,6 +27,7 @@ from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig
 from evamim.engine.distributed import DistributedConfig
 from evamim.models.presets import list_models, model_config
 from evamim.models.vit import EvaViTConfig
+from evamim.pretrain.mae import DecoderConfig
 from evamim.tasks.command import add_config_arguments, run_config_command
 from evamim.tasks.common import TrainedModelSection, ValidationData, owned_option_problems, training_run_problems
 from evamim.tasks.runner import RunContext, TrainingParts, run_training
@@ -62,8 +63,10 @@ class TeacherSection:
 class MaskingSection:
     """Which patches the student must predict."""
 
-    kind: str = "block"
-    """``block`` (BEiT/EVA block-wise) or ``random`` (MAE-style, exact count per image)."""
+    kind: str | None = None
+    """``block`` (BEiT/EVA block-wise) or ``random`` (MAE-style, exact count per image); None = the objective's
+    default (``block``; ``random`` for clip_mae). With clip_mae, block masks are filled to their budget with
+    random patches so that every image has the same count."""
     mask_ratio: float | None = None
     """Fraction of patches to mask; None = 105/256 for ``block`` (EVA), 0.75 for ``random``."""
     min_num_patches: int = 16
@@ -96,11 +99,14 @@ class PretrainConfig:
     val_data: ValidationData = field(default_factory=ValidationData)
     """Validation images (none by default: ``val_data.path`` turns validation on)."""
     eval: PretrainEvalSection = field(default_factory=PretrainEvalSection)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """The decoder of the MAE-style objective ``clip_mae`` (EVA-L: 4 blocks, 512 wide); refused with any other."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """How several processes share the student (docs/multi-node.md); unused by a one-process run except
     for the checkpoint format (``fsdp``: sharded directories)."""
     objective: str = "clip_mim"
-    """``clip_mim`` (EVA), ``feature_distill`` or ``pixel_mim`` (the paper's pilot comparison)."""
+    """``clip_mim`` (EVA), ``clip_mae`` (EVA, MAE-style: encoder on visible patches + decoder), ``feature_distill``
+    or ``pixel_mim`` (the paper's pilot comparison); ``evamim list objectives``."""
     batch_size: int = 256
     """Images per process and optimizer step; with ``global_batch_size`` set: per forward (see tasks/batching.py)."""
     global_batch_size: int | None = None
@@ -125,8 +131,15 @@ def validate(config: PretrainConfig) -> None:
     objective = objective_spec(config.objective) if config.objective in list_objectives() else None
     if objective is None:
         problems.append(f"objective {config.objective!r} is unknown; choose one of {list_objectives()}")
-    if config.masking.kind not in ("block", "random"):
-        problems.append(f"masking.kind must be 'block' or 'random', got {config.masking.kind!r}")
+    if config.masking.kind not in (None, "block", "random"):
+        problems.append(f"masking.kind must be 'block', 'random' or null (the objective's default), "
+                        f"got {config.masking.kind!r}")
+    if objective is not None and objective.encoder_decoder:
+        problems.extend(config.decoder.problems())
+    elif objective is not None and config.decoder != DecoderConfig():
+        problems.append(f"decoder.* is set but objective {config.objective} has no decoder (only "
+                        f"{[name for name in list_objectives() if objective_spec(name).encoder_decoder]} do): "
+                        "remove the decoder settings or choose that objective")
     ratio = config.masking.mask_ratio
     if ratio is not None and not 0 < ratio < 1:
         problems.append(f"masking.mask_ratio must be in (0, 1) or null (the default of masking.kind), got {ratio}")
@@ -144,7 +157,7 @@ def validate(config: PretrainConfig) -> None:
                 problems.append(f"teacher.spec: {error}")
     if config.teacher.dtype not in (None, "fp32", "bf16", "fp16"):
         problems.append(f"teacher.dtype must be null, fp32, bf16 or fp16, got {config.teacher.dtype!r}")
-    if config.data.source in ("folder", "list") and not Path(config.data.path).exists():
+    if config.data.source in ("folder", "list", "csv") and not Path(config.data.path).exists():
         problems.append(f"data.path {config.data.path} does not exist (data.source={config.data.source})")
     problems.extend(config.val_data.problems(config.data))
     problems.extend(training_run_problems(config))
@@ -188,17 +201,26 @@ def student_config(config: PretrainConfig, mim_head_dim: int) -> EvaViTConfig:
     )
 
 
+def masking_kind(config: PretrainConfig) -> str:
+    """``masking.kind``, or the objective's default when it is unset."""
+    from evamim.pretrain.objectives import objective_spec
+
+    return config.masking.kind or objective_spec(config.objective).default_masking
+
+
 def build_mask_generator(config: PretrainConfig, grid: tuple[int, int]):
     from evamim.pretrain.masking import BlockMasking, RandomMasking
+    from evamim.pretrain.objectives import objective_spec
 
     masking = config.masking
-    if masking.kind == "random":
+    if masking_kind(config) == "random":
         return RandomMasking(grid, mask_ratio=0.75 if masking.mask_ratio is None else masking.mask_ratio)
     return BlockMasking(
         grid,
         mask_ratio=EVA_MASK_RATIO if masking.mask_ratio is None else masking.mask_ratio,
         min_num_patches=masking.min_num_patches,
         min_aspect=masking.min_aspect,
+        fill_to_budget=objective_spec(config.objective).encoder_decoder,
     )
 
 
@@ -217,21 +239,33 @@ def build_teacher(config: PretrainConfig, grid: tuple[int, int], device: torch.d
 
 
 def build_student(config: PretrainConfig, teacher, device: torch.device) -> torch.nn.Module:
-    """The student EvaViT on ``device``, its lm_head as wide as the objective says (the teacher's features, or
-    a p x p x 3 pixel patch), from ``model.pretrained`` if set. Call after seeding: the init is random."""
+    """The student on ``device``: an EvaViT whose lm_head is as wide as the objective says (the teacher's
+    features, or a p x p x 3 pixel patch), or for an encoder-decoder objective a
+    :class:`~evamim.pretrain.mae.MaeStudent` (EvaViT encoder without head + decoder to the teacher's width).
+    The EvaViT (the encoder) starts from ``model.pretrained`` if set. Call after seeding: the init is random."""
     from evamim.models.checkpoint import TASK_HEADS, load_weights
     from evamim.models.vit import EvaViT
+    from evamim.pretrain.mae import MaeDecoder, MaeStudent
     from evamim.pretrain.objectives import objective_spec
 
+    spec = objective_spec(config.objective)
     patch_size = model_config(config.model.name, **config.model.options).patch_size
-    head_dim = objective_spec(config.objective).head_dim(teacher.embed_dim if teacher is not None else None, patch_size)
-    student = EvaViT(student_config(config, mim_head_dim=head_dim))
+    head_dim = spec.head_dim(teacher.embed_dim if teacher is not None else None, patch_size)
+    encoder = EvaViT(student_config(config, mim_head_dim=0 if spec.encoder_decoder else head_dim))
     if config.model.pretrained:
         # Strict on the backbone; a released model brings no lm_head / mask_token (or another teacher's), and
         # those start fresh: the report names them.
-        report = load_weights(student, config.model.pretrained, strict=True, task_heads=TASK_HEADS)
+        report = load_weights(encoder, config.model.pretrained, strict=True, task_heads=TASK_HEADS)
         logger.info("initial weights: %s", report)
-    return student.to(device)
+    if not spec.encoder_decoder:
+        return encoder.to(device)
+    decoder = MaeDecoder(encoder.embed_dim, encoder.grid_size, head_dim, config.decoder, encoder.config.norm_eps)
+    return MaeStudent(encoder, decoder).to(device)
+
+
+def exported_model(student: torch.nn.Module) -> torch.nn.Module:
+    """What ``evamim pretrain`` saves as ``model/``: the EvaViT (an encoder-decoder student's encoder)."""
+    return getattr(student, "encoder", student)
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -248,6 +282,7 @@ class PretrainTask:
         from evamim.data.loader import build_loader
         from evamim.models.checkpoint import save_pretrained
         from evamim.pretrain.objectives import ObjectiveModule, get_objective
+        from evamim.pretrain.mae import add_mask_indices
         from evamim.pretrain.steps import MaskedValidation, PretrainStep
 
         grid = student_config(config, mim_head_dim=1).grid_size
@@ -255,11 +290,15 @@ class PretrainTask:
         objective = get_objective(config.objective, **{key: getattr(config.data, key) for key in spec.data_options})
         teacher = build_teacher(config, grid, context.device) if spec.needs_teacher else None
         student = build_student(config, teacher, context.device)
-        logger.info("student %s: %dx%d patches; teacher %s -> %d targets", config.model.name, grid[0], grid[1],
-                    config.teacher.spec if teacher is not None else "none", student.lm_head.out_features)
+        logger.info("student %s%s: %dx%d patches; teacher %s", config.model.name,
+                    " + decoder" if spec.encoder_decoder else "", grid[0], grid[1],
+                    config.teacher.spec if teacher is not None else "none")
         masks = build_mask_generator(config, grid) if spec.uses_masks else None
-        loader = build_loader(config.data, batch_size=context.batch_size, purpose="pretrain", mask_generator=masks)
-        step = PretrainStep(teacher, context.device)
+        # The workers hand uint8 crops over (a quarter of float32's bytes); the step normalises them on the device.
+        loader = build_loader(config.data, batch_size=context.batch_size, purpose="pretrain", mask_generator=masks,
+                              output="uint8")
+        step = PretrainStep(teacher, context.device, mean=config.data.mean, std=config.data.std,
+                            prepare=add_mask_indices if spec.encoder_decoder else None)
         evaluation = None
         if config.val_data.given:
             evaluation = MaskedValidation.build(config.val_data.data_config(config.data), spec, grid, step,
@@ -271,7 +310,7 @@ class PretrainTask:
             data=loader,
             shard_units=student.blocks,
             evaluation=evaluation,
-            export=lambda full, out: {"model_dir": str(save_pretrained(full, out / "model"))},
+            export=lambda full, out: {"model_dir": str(save_pretrained(exported_model(full), out / "model"))},
         )
 
     def results(self, config: PretrainConfig, result: Any, parts: TrainingParts) -> dict[str, Any]:
@@ -294,6 +333,7 @@ def dry_run(config: PretrainConfig) -> str:
     """``evamim pretrain --dry-run``: the run's plan, with the student built on the meta device (no weights are
     read, no teacher is built, no data is read)."""
     from evamim.models.vit import EvaViT
+    from evamim.pretrain.mae import MaeDecoder, MaeStudent
     from evamim.pretrain.objectives import objective_spec
     from evamim.tasks.plan import describe_run
     from evamim.teachers import check_teacher
@@ -310,13 +350,23 @@ def dry_run(config: PretrainConfig) -> str:
         lines.append(f"teacher {config.teacher.spec}: {width}, frozen, {config.teacher.dtype or config.loop.precision}")
     head_dim = spec.head_dim(teacher_dim, patch_size) if teacher_dim or spec.head == "pixels" else None
     with torch.device("meta"):
-        student = EvaViT(student_config(config, mim_head_dim=head_dim or 1))
-    backbone = sum(p.numel() for name, p in student.named_parameters() if not name.startswith(("lm_head.", "mask_token")))
+        student = EvaViT(student_config(config, mim_head_dim=0 if spec.encoder_decoder else head_dim or 1))
+        if spec.encoder_decoder:
+            decoder = MaeDecoder(student.embed_dim, grid, head_dim or 1, config.decoder)
+            student = MaeStudent(student, decoder)
+    backbone = sum(p.numel() for p in exported_model(student).parameters())
+    if spec.encoder_decoder:
+        extra = (f" + decoder {config.decoder.depth} blocks x {config.decoder.width} "
+                 f"({sum(p.numel() for p in student.decoder.parameters()):,} parameters, not exported) to "
+                 f"{head_dim if head_dim else '(width unknown)'}")
+    else:
+        backbone -= sum(p.numel() for name, p in student.named_parameters() if name.startswith(("lm_head.", "mask_token")))
+        extra = (f" + lm_head {head_dim if head_dim else '(width unknown)'}"
+                 + (" + mask token" if spec.uses_mask_token else ""))
     lines.append(f"student {config.model.name}: {grid[0]}x{grid[1]} patches of {patch_size} px at "
-                 f"{config.data.image_size} px; {backbone:,} backbone parameters + lm_head "
-                 f"{head_dim if head_dim else '(width unknown)'}" + (" + mask token" if spec.uses_mask_token else ""))
+                 f"{config.data.image_size} px; {backbone:,} backbone parameters{extra}")
     if spec.uses_masks:
-        lines.append(f"masking {config.masking.kind}: {build_mask_generator(config, grid)}")
+        lines.append(f"masking {masking_kind(config)}: {build_mask_generator(config, grid)}")
     models = {"student": student} if head_dim else {"student (lm_head width unknown)": student}
     return describe_run(config, models, lines)
 

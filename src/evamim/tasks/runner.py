@@ -163,12 +163,13 @@ def _train(task: TrainingTask, config: Any, state: Any, plan: Any, hooks: Sequen
                 state.world_size, config.distributed.strategy)
 
     trained = parts.weights if parts.weights is not None else parts.model
+    compile_units(parts, config.loop.compile)
     model = wrap_model(parts.model, config.distributed, device=state.device, world_size=state.world_size,
                        shard_units=parts.shard_units, sync_buffers=parts.sync_buffers)
     optimizer = build_training_optimizer(trained, parts.param_groups, config, state.world_size)
     checkpointer = (ShardedCheckpointer if config.distributed.strategy == "fsdp" else FileCheckpointer)(
         trained, optimizer, is_main_process=state.is_main_process)
-    loop = dataclasses.replace(config.loop, grad_accum_steps=plan.grad_accum_steps, **parts.loop_updates)
+    loop = dataclasses.replace(config.loop, grad_accum_steps=plan.grad_accum_steps, compile=False, **parts.loop_updates)
     evaluator = _AllReducedEvaluation(parts.evaluation, state.device) if parts.evaluation is not None else None
     trainer = Trainer(
         model, parts.step, parts.data, optimizer, optim=config.optim, loop=loop, checkpoint=config.checkpoint,
@@ -260,6 +261,16 @@ def build_training_optimizer(model: nn.Module, groups: list[dict] | None, config
         config.distributed.strategy, groups, lambda share: build_optimizer(model, optim, groups=share),
         world_size=world_size, defaults={"lr": optim.lr, "weight_decay": optim.weight_decay},
     )
+
+
+def compile_units(parts: TrainingParts, enabled: bool) -> None:
+    """``loop.compile``: ``torch.compile`` each of the task's shard units (the transformer blocks) in place, or the
+    whole model when the task names none. Per block, before any wrapping: identical blocks share one compiled
+    graph, FSDP shards and activation checkpointing stay per block, and the state-dict keys do not change."""
+    if not enabled:
+        return
+    for unit in parts.shard_units or (parts.model,):
+        unit.compile()
 
 
 def full_weights(model: nn.Module, skeleton: Callable[[], nn.Module] | None, is_main_process: bool) -> nn.Module:

@@ -10,7 +10,7 @@ Contract (every backend):
   student's (e.g. a 14x14 student grid and a patch-14 teacher -> 196 px); its positional embedding is
   resampled once, at construction, to that grid.
 - It is frozen: no parameter requires grad, it stays in eval mode even when ``.train()`` is called, and it
-  runs under ``torch.no_grad()``. Targets are ordinary (not inference-mode) tensors, so the loss may use them.
+  runs under ``torch.inference_mode()``. Targets are ordinary (not inference-mode) tensors, so the loss may use them.
 - It is never wrapped by DDP/FSDP: it has nothing to train and nothing to synchronise. Move it with
   ``teacher.to(device)`` and call it on each rank's local batch.
 """
@@ -190,14 +190,16 @@ class Teacher(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W), student-normalised -> targets (B, N, D) float32 on the grid ``grid_size``."""
-        # no_grad, not inference_mode: inference tensors cannot be saved for the student's backward pass.
-        with torch.no_grad():
+        # Inference mode skips autograd's bookkeeping (version counters, views) for the whole forward.
+        with torch.inference_mode():
             x = self.prepare(images)
             with self._autocast(x.device.type):
                 targets = self.encoder(x)
-        expected = (images.shape[0], self.num_patches, self.embed_dim)
-        if tuple(targets.shape) != expected:
-            raise RuntimeError(
-                f"teacher {self.spec!r} produced targets of shape {tuple(targets.shape)}, expected {expected}"
-            )
-        return targets.float()
+            expected = (images.shape[0], self.num_patches, self.embed_dim)
+            if tuple(targets.shape) != expected:
+                raise RuntimeError(
+                    f"teacher {self.spec!r} produced targets of shape {tuple(targets.shape)}, expected {expected}"
+                )
+            targets = targets.float()
+        # Inference tensors cannot be saved for the student's backward pass: one small copy makes an ordinary one.
+        return targets.clone()

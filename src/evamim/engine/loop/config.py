@@ -31,7 +31,8 @@ class LoopConfig:
     grad_accum_steps: int = 1
     """Split each data batch into this many micro-batches and sum their gradients (batch size must divide)."""
     compile: bool = False
-    """``torch.compile`` the model's forward in place (applies to ``model(...)`` calls in the objective)."""
+    """``torch.compile``: the task runner compiles each transformer block in place (the whole model when a task
+    names no blocks); a bare Trainer compiles the model's forward. Costs a compilation at the start."""
     max_nonfinite_in_a_row: int = 20
     """Stop the run after this many consecutive steps skipped for a non-finite loss or gradient norm (>= 1).
     The default leaves room for the fp16 loss scaler to back off from 2**16 after overflows."""
