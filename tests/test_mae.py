@@ -260,3 +260,13 @@ def test_the_pretraining_step_adds_the_indices_on_the_cpu(teacher_dir, tmp_path,
     config = load_config(PretrainConfig, None, mae_overrides(teacher_dir, tmp_path / "run", 2, "optim.warmup_steps=1"))
     assert run_pretrain(config)["steps"] == 2
     assert callers == ["add_mask_indices", "add_mask_indices"]
+
+
+def test_layer_decay_numbers_the_encoder_as_evavit_and_puts_the_decoder_on_top():
+    student = tiny_student()
+    depth = student.num_layers()
+    assert depth == 2
+    assert student.layer_id("encoder.patch_embed.proj.weight") == 0
+    assert student.layer_id("encoder.blocks.1.mlp.fc1.weight") == 2
+    assert student.layer_id("decoder.blocks.0.attn.qkv.weight") == student.layer_id("decoder.pred.bias") == depth + 1
+    assert {"encoder.pos_embed", "encoder.cls_token", "decoder.mask_token"} <= student.no_weight_decay()

@@ -168,6 +168,14 @@ class MaeStudent(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
+    def rebuilt(self) -> "MaeStudent":
+        """A new student of the same architecture (freshly initialised; build it under ``torch.device("meta")``
+        to get an empty one to load a state dict into, as the runner does after FSDP)."""
+        decoder = self.decoder
+        return MaeStudent(EvaViT(self.encoder.config),
+                          MaeDecoder(decoder.embed.in_features, decoder.grid, decoder.pred.out_features, decoder.config,
+                                     decoder.norm.eps))
+
     @property
     def blocks(self) -> list[nn.Module]:
         """Every transformer block (encoder then decoder): the units FSDP shards."""
@@ -175,6 +183,15 @@ class MaeStudent(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"decoder.mask_token"}
+
+    def num_layers(self) -> int:
+        return self.encoder.num_layers()
+
+    def layer_id(self, name: str) -> int:
+        """Layer-wise lr decay: the encoder's own numbering; the decoder sits on top, with the heads."""
+        if name.startswith("encoder."):
+            return self.encoder.layer_id(name[len("encoder."):])
+        return self.encoder.num_layers() + 1
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W), (B, K), (B, M) -> predictions (B, M, D) at the ``masked`` patches."""

@@ -311,6 +311,7 @@ class PretrainTask:
             shard_units=student.blocks,
             evaluation=evaluation,
             export=lambda full, out: {"model_dir": str(save_pretrained(exported_model(full), out / "model"))},
+            skeleton=getattr(student, "rebuilt", None),  # FSDP: what the gathered weights are loaded into
         )
 
     def results(self, config: PretrainConfig, result: Any, parts: TrainingParts) -> dict[str, Any]:
