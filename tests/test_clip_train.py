@@ -99,7 +99,6 @@ def test_the_text_tower_and_logit_scale_get_their_own_lr_and_no_decay_where_clip
     (["text_optim.lr=-1"], "text_optim.lr must be >= 0"),
     (["eval.templates=/no/such/file"], "eval.templates /no/such/file is not a file"),
     (["model.text={width: 30, heads: 4}"], "not divisible by heads"),
-    (["distributed.strategy=fsdp"], "use ddp or zero1"),
 ])
 def test_config_mistakes_are_refused_before_anything_is_built(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):

@@ -123,13 +123,13 @@ def test_segmentation_on_two_processes_matches_one_process(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- CLIP
-def clip_config(output_dir: Path, world: int):
+def clip_config(output_dir: Path, world: int, *extra: str):
     """The tiny CLIP of test_clip_train; the contrastive loss compares each image with all 16 captions."""
     from evamim.tasks.clip import ClipTrainConfig
     from test_clip_train import tiny_overrides as clip_overrides
 
     overrides = clip_overrides(output_dir, STEPS, f"batch_size={16 // world}", "loop.eval_every=2",
-                               "checkpoint.every=2")
+                               "checkpoint.every=2", *extra)
     return load_config(ClipTrainConfig, None, overrides)
 
 
@@ -138,6 +138,7 @@ def _clip_worker(rank: int, tmp: str) -> None:
 
     with gloo_group(rank, f"{tmp}/rendezvous"):
         run_clip(clip_config(Path(tmp) / "ddp", WORLD))
+        run_clip(clip_config(Path(tmp) / "fsdp", WORLD, "distributed.strategy=fsdp"))
 
 
 @pytest.mark.slow  # ~15 s on 2 cores
@@ -157,3 +158,8 @@ def test_clip_on_two_processes_with_gathered_features_matches_one_process(tmp_pa
     assert max_difference(a, b) < 5 * TOLERANCE
     ours, theirs = summary(tmp_path / "ddp")["validation"], summary(tmp_path / "one")["validation"]
     assert ours == pytest.approx(theirs, abs=1e-4)
+    # FSDP: the towers sharded block by block, the 0-d logit scale replicated; zero-shot encodes through forward.
+    assert losses(tmp_path / "fsdp") == pytest.approx(reference, abs=TOLERANCE)
+    c = load_file(str(tmp_path / "fsdp" / "model" / "model.safetensors"))
+    assert c.keys() == b.keys() and max_difference(c, b) < 5 * TOLERANCE
+    assert summary(tmp_path / "fsdp")["validation"] == pytest.approx(theirs, abs=1e-4)

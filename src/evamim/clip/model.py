@@ -104,14 +104,18 @@ class EvaClip(nn.Module):
         features = self.text(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor | None, tokens: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """images (B, 3, H, W), tokens (B', L) -> dict(image_features (B, E), text_features (B', E), both
-        L2-normalised, logit_scale: the exponentiated scale, a 0-d tensor (1 / 0.07 at init))."""
-        return {
-            "image_features": self.encode_image(images, normalize=True),
-            "text_features": self.encode_text(tokens, normalize=True),
-            "logit_scale": self.logit_scale.exp(),
-        }
+        L2-normalised, logit_scale: the exponentiated scale, a 0-d tensor (1 / 0.07 at init)).
+
+        Either input may be None, and its features are then left out: evaluation encodes one side at a time through
+        ``forward``, which is where FSDP gathers the weights."""
+        output = {"logit_scale": self.logit_scale.exp()}
+        if images is not None:
+            output["image_features"] = self.encode_image(images, normalize=True)
+        if tokens is not None:
+            output["text_features"] = self.encode_text(tokens, normalize=True)
+        return output
 
     def tokenizer(self):
         """open_clip's tokenizer for this text tower: ``tokenizer(list of N strings) -> (N, context_length)``

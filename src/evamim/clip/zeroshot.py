@@ -181,10 +181,8 @@ class ZeroShotEvaluation:
 
     def prepare(self, model: nn.Module) -> torch.Tensor:
         """Compute (and keep until :meth:`finalize`) the classifier weights (E, K) of ``model``'s text encoder."""
-        net = _unwrap(model)
-        self.weights = classifier_weights(lambda tokens: net.encode_text(tokens, normalize=True), self.tokenize,
-                                          self.class_names, self.templates, batch_size=self.text_batch_size,
-                                          device=self.device)
+        self.weights = classifier_weights(_encoder(model, "text"), self.tokenize, self.class_names, self.templates,
+                                          batch_size=self.text_batch_size, device=self.device)
         return self.weights
 
     def score(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -193,13 +191,29 @@ class ZeroShotEvaluation:
             self.prepare(model)
         images, labels = images_and_labels(batch)
         with torch.no_grad():
-            features = _unwrap(model).encode_image(images.to(self.device, non_blocking=True), normalize=True)
+            features = _encoder(model, "image")(images.to(self.device, non_blocking=True))
         return zero_shot_sums(features, self.weights, labels)
 
     def finalize(self, sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Accuracies (percent) from the sums of every process; ends the evaluation (forgets the weights)."""
         self.weights = None
         return finalize_zero_shot(sums)
+
+
+def _encoder(model: nn.Module, side: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``side`` ('image' or 'text') of ``model`` as ``inputs -> normalised features``. An FSDP-sharded model is
+    called through its ``forward(images, tokens)`` (its weights are gathered there only); any other through the
+    unwrapped model's ``encode_image`` / ``encode_text``."""
+    from evamim.engine.distributed.strategies import is_fsdp
+
+    if is_fsdp(model):
+        key = f"{side}_features"
+        if side == "image":
+            return lambda images: model(images, None)[key]
+        return lambda tokens: model(None, tokens)[key]
+    net = _unwrap(model)
+    encode = net.encode_image if side == "image" else net.encode_text
+    return lambda inputs: encode(inputs, normalize=True)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -162,10 +162,6 @@ def validate(config: ClipTrainConfig) -> None:
     if config.data.labels:
         problems.append("data.labels=true: the training pairs are images and captions; labels belong to val_data")
     problems += config.val_data.problems(config.data)
-    if config.distributed.strategy == "fsdp":
-        problems.append("distributed.strategy=fsdp is not available for clip yet: the zero-shot evaluation calls the "
-                        "towers outside the model's forward, where FSDP would not gather their weights; use ddp or "
-                        "zero1")
     for key in ("lr", "weight_decay", "logit_scale_lr"):
         value = getattr(config.text_optim, key)
         if value is not None and not value >= 0:
@@ -283,9 +279,11 @@ class ClipTask:
             model=model,
             step=ClipStep(tokenizer, context.device),
             data=loader,
-            param_groups=param_groups(model, config),
+            param_groups=lambda weights: param_groups(weights, config),  # after wrapping: FSDP's parameters
                     evaluation=self._evaluation(config, context, tokenizer),
             hooks=[ClampLogitScale()],
+            # FSDP shards block by block: the vision tower's blocks and the text tower's residual blocks.
+            shard_units=[*model.visual.trunk.blocks, *model.text.transformer.resblocks],
             export=lambda full, out: {"model_dir": str(save_clip(full, out / "model"))},
         )
 

@@ -83,8 +83,10 @@ class TrainingParts:
     weights: nn.Module | None = None
     """The module whose parameters are trained, checkpointed and exported, inside ``model`` (e.g. the student
     inside the pre-training objective module); None = ``model``."""
-    param_groups: list[dict] | None = None
-    """Optimizer groups; None = ``engine.param_groups(model, optim.weight_decay, optim.layer_decay)``."""
+    param_groups: list[dict] | Callable[[nn.Module], list[dict]] | None = None
+    """Optimizer groups; None = ``engine.param_groups(model, optim.weight_decay, optim.layer_decay)``. A callable
+    ``(weights) -> groups`` is called after wrapping: FSDP replaces the parameters, so a list built before would
+    hold parameters that no longer train (a list is refused under FSDP)."""
     shard_units: Sequence[nn.Module] = ()
     """The submodules FSDP shards one by one (the transformer blocks)."""
     sync_buffers: bool = False
@@ -166,7 +168,13 @@ def _train(task: TrainingTask, config: Any, state: Any, plan: Any, hooks: Sequen
     compile_units(parts, config.loop.compile)
     model = wrap_model(parts.model, config.distributed, device=state.device, world_size=state.world_size,
                        shard_units=parts.shard_units, sync_buffers=parts.sync_buffers)
-    optimizer = build_training_optimizer(trained, parts.param_groups, config, state.world_size)
+    groups = parts.param_groups
+    if callable(groups):
+        groups = groups(trained)
+    elif groups is not None and config.distributed.strategy == "fsdp":
+        raise TypeError(f"{task.name}: TrainingParts.param_groups is a list built before FSDP replaced the parameters; "
+                        "give a callable (weights) -> groups, which the runner calls after wrapping")
+    optimizer = build_training_optimizer(trained, groups, config, state.world_size)
     checkpointer = (ShardedCheckpointer if config.distributed.strategy == "fsdp" else FileCheckpointer)(
         trained, optimizer, is_main_process=state.is_main_process)
     loop = dataclasses.replace(config.loop, grad_accum_steps=plan.grad_accum_steps, compile=False, **parts.loop_updates)

@@ -145,8 +145,26 @@ def _fully_shard(module: nn.Module, options: FsdpOptions, units: Sequence[nn.Mod
     )
     for unit in units:
         fully_shard(unit, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
-    fully_shard(module, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+    scalars = {parameter for parameter in module.parameters() if parameter.ndim == 0}
+    fully_shard(module, mp_policy=policy, reshard_after_forward=options.reshard_after_forward,
+                ignored_params=scalars or None)
+    for parameter in scalars:
+        average_gradient_over_processes(parameter)
     return module
+
+
+def average_gradient_over_processes(parameter: nn.Parameter) -> None:
+    """Keep a parameter FSDP cannot shard (a 0-d one: CLIP's ``logit_scale``) replicated: after each backward its
+    gradient becomes the mean over processes, as FSDP's reduce-scatter makes the others'. Under accumulation the
+    running gradient is averaged after every micro-batch, which gives the same mean (what was already averaged is
+    equal on every process)."""
+    import torch.distributed as dist
+
+    def hook(param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad.div_(dist.get_world_size())
+
+    parameter.register_post_accumulate_grad_hook(hook)
 
 
 def build_optimizer_for_strategy(
