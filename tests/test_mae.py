@@ -13,7 +13,14 @@ import torch.nn.functional as F
 import evamim
 from evamim.config import ConfigError, load_config
 from evamim.models.vit import EvaViT
-from evamim.pretrain.mae import DecoderConfig, MaeDecoder, MaeStudent, mask_indices, sincos_pos_embed
+from evamim.pretrain.mae import (
+    DecoderConfig,
+    MaeDecoder,
+    MaeStudent,
+    add_mask_indices,
+    mask_indices,
+    sincos_pos_embed,
+)
 from evamim.pretrain.masking import BlockMasking, RandomMasking
 from evamim.pretrain.objectives import get_objective, objective_spec
 from evamim.tasks.finetune import FinetuneConfig, run_finetune
@@ -93,6 +100,8 @@ def test_visible_indices_given_with_the_batch_are_used_as_computed():
     masks = RandomMasking(student.encoder.grid_size, mask_ratio=0.5)(2, np.random.default_rng(0))
     images, targets = torch.randn(2, 3, 32, 48), torch.randn(2, 24, 24)
     visible, masked = mask_indices(masks)
+    prepared = {"masks": masks, "visible": visible, "masked": masked}
+    assert add_mask_indices(prepared) is prepared  # the step's prepare adds nothing to a batch that has them
     a = get_objective("clip_mae")(student, {"images": images, "masks": masks}, targets)
     b = get_objective("clip_mae")(student, {"images": images, "masks": masks, "visible": visible, "masked": masked},
                                   targets)

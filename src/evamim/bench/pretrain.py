@@ -118,9 +118,8 @@ class EvamimPretrain:
     model: nn.Module  # ObjectiveModule(student, objective)
     step_fn: Callable  # PretrainStep
     trainer: Any  # Trainer
-    batch: dict
-    raw_images: torch.Tensor  # uint8 (B, 3, H, W) on the device
-    images: torch.Tensor  # the same, normalised for the student (float)
+    batch: dict  # what the loader hands the step (uint8 images, masks, clip_mae's indices), on the device
+    images: torch.Tensor  # the batch's images normalised for the student (float), for the naive loop
 
     def step(self) -> None:
         self.trainer.train_step(self.batch)
@@ -152,24 +151,10 @@ def pretrain_config(args: argparse.Namespace, output_dir: str):
     return config
 
 
-def _pretrain_step(teacher: nn.Module | None, device: torch.device, config) -> tuple[Callable, bool]:
-    """``PretrainStep`` as the task builds it, and whether it takes uint8 images (normalising them on the
-    device with the data config's mean/std, as ``evamim pretrain`` feeds it) or only normalised floats (the
-    PretrainStep of before that change)."""
-    import inspect
-
-    from evamim.pretrain.steps import PretrainStep
-
-    if "mean" in inspect.signature(PretrainStep).parameters:
-        return PretrainStep(teacher, device, mean=config.data.mean, std=config.data.std), True
-    return PretrainStep(teacher, device), False
-
-
 def _masking_kind(config) -> str:
-    from evamim.tasks import pretrain as task
+    from evamim.tasks.pretrain import masking_kind
 
-    kind = getattr(task, "masking_kind", None)  # masking.kind may be left to the objective's default
-    return kind(config) if kind is not None else config.masking.kind
+    return masking_kind(config)
 
 
 def build_evamim(args: argparse.Namespace, device: torch.device, output_dir: str) -> EvamimPretrain:
@@ -177,7 +162,8 @@ def build_evamim(args: argparse.Namespace, device: torch.device, output_dir: str
     the runner make them for one process (the data loader aside: the batch is random and on the device)."""
     from evamim.engine import Trainer, build_optimizer
     from evamim.pretrain.objectives import ObjectiveModule, get_objective
-    from evamim.tasks.pretrain import build_mask_generator, build_student, build_teacher, student_config
+    from evamim.data.image_ops import normalize_on_device
+    from evamim.tasks.pretrain import build_mask_generator, build_step, build_student, build_teacher, student_config
 
     config = pretrain_config(args, output_dir)
     torch.manual_seed(config.seed)
@@ -187,28 +173,24 @@ def build_evamim(args: argparse.Namespace, device: torch.device, output_dir: str
     teacher = build_teacher(config, grid, device) if spec.needs_teacher else None
     student = build_student(config, teacher, device).train()
     generator = torch.Generator().manual_seed(config.seed)
-    raw = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
-                        generator=generator).to(device)
-    mean = torch.tensor(config.data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(config.data.std, device=device).view(1, 3, 1, 1)
-    images = (raw.float() / 255 - mean) / std
-    step_fn, takes_uint8 = _pretrain_step(teacher, device, config)
-    batch = {"images": raw if takes_uint8 else images}
+    batch = {"images": torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
+                                     dtype=torch.uint8, generator=generator)}
     if spec.uses_masks:
-        masks = torch.as_tensor(build_mask_generator(config, grid)(args.batch_size, np.random.default_rng(config.seed)))
-        extra = {"masks": masks}
-        if getattr(spec, "encoder_decoder", False):
-            # clip_mae's gather indices, made on the CPU batch as the pre-training step does
-            from evamim.pretrain.mae import add_mask_indices
-
-            extra = add_mask_indices(extra)
-        batch.update({key: value.to(device) for key, value in extra.items()})
+        batch["masks"] = torch.as_tensor(
+            build_mask_generator(config, grid)(args.batch_size, np.random.default_rng(config.seed)))
+    step_fn = build_step(config, teacher, device)
+    if step_fn.prepare is not None:
+        # What the step adds to every CPU batch of the loader (clip_mae's indices), added once here; the timed
+        # steps find it in the batch and add nothing.
+        batch = step_fn.prepare(batch)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    images = normalize_on_device(batch["images"], config.data.mean, config.data.std)
     model = ObjectiveModule(student, objective)
     optimizer = build_optimizer(student, config.optim)
     loop = dataclasses.replace(config.loop, total_steps=1, epochs=None, progress_bar=False, tensorboard=False)
     trainer = Trainer(model, step_fn, [batch], optimizer, optim=config.optim, loop=loop,
                       checkpoint=config.checkpoint, out_dir=output_dir)
-    return EvamimPretrain(config, teacher, student, model, step_fn, trainer, batch, raw, images)
+    return EvamimPretrain(config, teacher, student, model, step_fn, trainer, batch, images)
 
 
 def _compile_blocks(module: nn.Module) -> None:

@@ -92,10 +92,13 @@ def mask_indices(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def add_mask_indices(batch: dict) -> dict:
-    """The batch with ``visible`` and ``masked`` indices computed from its ``masks`` (see :func:`mask_indices`).
+    """The batch with ``visible`` and ``masked`` indices computed from its ``masks`` (see :func:`mask_indices`);
+    a batch that has them already is returned as it is.
 
     Called on the CPU batch by the pre-training step, so the GPU never has to report how many patches are masked.
     """
+    if "visible" in batch and "masked" in batch:
+        return batch
     visible, masked = mask_indices(batch["masks"])
     return {**batch, "visible": visible, "masked": masked}
 

@@ -244,23 +244,44 @@ def build_student(config: PretrainConfig, teacher, device: torch.device) -> torc
     :class:`~evamim.pretrain.mae.MaeStudent` (EvaViT encoder without head + decoder to the teacher's width).
     The EvaViT (the encoder) starts from ``model.pretrained`` if set. Call after seeding: the init is random."""
     from evamim.models.checkpoint import TASK_HEADS, load_weights
+    from evamim.pretrain.objectives import objective_spec
+
+    patch_size = model_config(config.model.name, **config.model.options).patch_size
+    head_dim = objective_spec(config.objective).head_dim(teacher.embed_dim if teacher is not None else None,
+                                                         patch_size)
+    student = new_student(config, head_dim)
+    if config.model.pretrained:
+        # Strict on the backbone; a released model brings no lm_head / mask_token (or another teacher's), and
+        # those start fresh: the report names them.
+        report = load_weights(exported_model(student), config.model.pretrained, strict=True, task_heads=TASK_HEADS)
+        logger.info("initial weights: %s", report)
+    return student.to(device)
+
+
+def new_student(config: PretrainConfig, head_dim: int) -> torch.nn.Module:
+    """The freshly initialised student of ``build_student`` (on the current default device; ``torch.device("meta")``
+    for counting): an EvaViT with an lm_head of ``head_dim``, or an EvaViT encoder + a decoder to ``head_dim``."""
     from evamim.models.vit import EvaViT
     from evamim.pretrain.mae import MaeDecoder, MaeStudent
     from evamim.pretrain.objectives import objective_spec
 
-    spec = objective_spec(config.objective)
-    patch_size = model_config(config.model.name, **config.model.options).patch_size
-    head_dim = spec.head_dim(teacher.embed_dim if teacher is not None else None, patch_size)
-    encoder = EvaViT(student_config(config, mim_head_dim=0 if spec.encoder_decoder else head_dim))
-    if config.model.pretrained:
-        # Strict on the backbone; a released model brings no lm_head / mask_token (or another teacher's), and
-        # those start fresh: the report names them.
-        report = load_weights(encoder, config.model.pretrained, strict=True, task_heads=TASK_HEADS)
-        logger.info("initial weights: %s", report)
-    if not spec.encoder_decoder:
-        return encoder.to(device)
+    encoder_decoder = objective_spec(config.objective).encoder_decoder
+    encoder = EvaViT(student_config(config, mim_head_dim=0 if encoder_decoder else head_dim))
+    if not encoder_decoder:
+        return encoder
     decoder = MaeDecoder(encoder.embed_dim, encoder.grid_size, head_dim, config.decoder, encoder.config.norm_eps)
-    return MaeStudent(encoder, decoder).to(device)
+    return MaeStudent(encoder, decoder)
+
+
+def build_step(config: PretrainConfig, teacher, device: torch.device):
+    """The step function: uint8 batches normalised on ``device`` with the data's mean/std, the teacher's targets,
+    and for an encoder-decoder objective the ``visible``/``masked`` indices added while the batch is on the CPU."""
+    from evamim.pretrain.mae import add_mask_indices
+    from evamim.pretrain.objectives import objective_spec
+    from evamim.pretrain.steps import PretrainStep
+
+    prepare = add_mask_indices if objective_spec(config.objective).encoder_decoder else None
+    return PretrainStep(teacher, device, mean=config.data.mean, std=config.data.std, prepare=prepare)
 
 
 def exported_model(student: torch.nn.Module) -> torch.nn.Module:
@@ -282,8 +303,7 @@ class PretrainTask:
         from evamim.data.loader import build_loader
         from evamim.models.checkpoint import save_pretrained
         from evamim.pretrain.objectives import ObjectiveModule, get_objective
-        from evamim.pretrain.mae import add_mask_indices
-        from evamim.pretrain.steps import MaskedValidation, PretrainStep
+        from evamim.pretrain.steps import MaskedValidation
 
         grid = student_config(config, mim_head_dim=1).grid_size
         spec = get_objective(config.objective).spec
@@ -297,8 +317,7 @@ class PretrainTask:
         # The workers hand uint8 crops over (a quarter of float32's bytes); the step normalises them on the device.
         loader = build_loader(config.data, batch_size=context.batch_size, purpose="pretrain", mask_generator=masks,
                               output="uint8")
-        step = PretrainStep(teacher, context.device, mean=config.data.mean, std=config.data.std,
-                            prepare=add_mask_indices if spec.encoder_decoder else None)
+        step = build_step(config, teacher, context.device)
         evaluation = None
         if config.val_data.given:
             evaluation = MaskedValidation.build(config.val_data.data_config(config.data), spec, grid, step,
@@ -333,8 +352,6 @@ def run_pretrain(config: PretrainConfig, hooks: tuple = ()) -> dict[str, Any]:
 def dry_run(config: PretrainConfig) -> str:
     """``evamim pretrain --dry-run``: the run's plan, with the student built on the meta device (no weights are
     read, no teacher is built, no data is read)."""
-    from evamim.models.vit import EvaViT
-    from evamim.pretrain.mae import MaeDecoder, MaeStudent
     from evamim.pretrain.objectives import objective_spec
     from evamim.tasks.plan import describe_run
     from evamim.teachers import check_teacher
@@ -351,10 +368,7 @@ def dry_run(config: PretrainConfig) -> str:
         lines.append(f"teacher {config.teacher.spec}: {width}, frozen, {config.teacher.dtype or config.loop.precision}")
     head_dim = spec.head_dim(teacher_dim, patch_size) if teacher_dim or spec.head == "pixels" else None
     with torch.device("meta"):
-        student = EvaViT(student_config(config, mim_head_dim=0 if spec.encoder_decoder else head_dim or 1))
-        if spec.encoder_decoder:
-            decoder = MaeDecoder(student.embed_dim, grid, head_dim or 1, config.decoder)
-            student = MaeStudent(student, decoder)
+        student = new_student(config, head_dim or 1)
     backbone = sum(p.numel() for p in exported_model(student).parameters())
     if spec.encoder_decoder:
         extra = (f" + decoder {config.decoder.depth} blocks x {config.decoder.width} "
