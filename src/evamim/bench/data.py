@@ -45,6 +45,10 @@ from evamim.flags import int_at_least, int_in_range
 PIPELINES = ("ours", "ours-float", "ours-nodraft", "baseline", "gpu-decode")
 
 
+class PipelineError(ValueError):
+    """A pipeline that cannot be measured here (unknown, or gpu-decode without a usable CUDA decoder)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="folder of images to load (e.g. made with --make-images)")
     parser.add_argument("--workers", type=int_at_least(0), nargs="+", default=[1, 2],
@@ -78,18 +82,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.source:
         print("evamim bench data: pass --source DIR (or --make-images DIR to create benchmark images)")
         return 2
-    if "gpu-decode" in args.pipelines and (problem := gpu_decode_problem()):
-        print(f"evamim bench data: --pipelines gpu-decode needs {problem}")
+    try:
+        result = benchmark(
+            args.source,
+            workers=args.workers,
+            batches=args.batches,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            repeats=args.repeats,
+            pipelines=args.pipelines,
+        )
+    except PipelineError as error:  # e.g. gpu-decode without CUDA, found before anything is timed
+        print(f"evamim bench data: {error}")
         return 2
-    result = benchmark(
-        args.source,
-        workers=args.workers,
-        batches=args.batches,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        repeats=args.repeats,
-        pipelines=args.pipelines,
-    )
     print(json.dumps(result, indent=1) if args.json else format_result(result))
     return 0
 
@@ -361,15 +366,16 @@ def benchmark(
     insensitive to other load on a shared machine).
 
     Raises:
-        ValueError: an unknown pipeline, or ``gpu-decode`` without a CUDA GPU (one line saying so).
+        PipelineError (a ValueError): an unknown pipeline, or ``gpu-decode`` without a CUDA GPU (one line
+        saying so), before anything is timed.
     """
     from evamim.data.files import scan_folder
 
     unknown = [name for name in pipelines if name not in PIPELINES]
     if unknown:
-        raise ValueError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
+        raise PipelineError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
     if "gpu-decode" in pipelines and (problem := gpu_decode_problem()):  # also warms nvjpeg up
-        raise ValueError(f"pipeline gpu-decode needs {problem}")
+        raise PipelineError(f"pipeline gpu-decode needs {problem}")
 
     # Absolute paths: the list file the loader reads lives in a temporary folder, and a list's relative
     # paths are read relative to the list file.
