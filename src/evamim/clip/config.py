@@ -7,10 +7,10 @@ it; the text fields are checked against open_clip's ``CLIPTextCfg`` when the tex
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from evamim.models.vit_config import EvaViTConfig
+from evamim.models.vit_config import EvaViTConfig, config_from_dict
 
 POOLS = ("token", "avg")
 # open_clip's ViT-B text tower (ViT-B-16, EVA02-B-16): what open_clip builds when text_cfg is left empty.
@@ -102,8 +102,4 @@ class ClipConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ClipConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ClipConfig keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values)

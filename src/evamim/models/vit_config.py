@@ -96,8 +96,14 @@ class EvaViTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "EvaViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown EvaViTConfig keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values)
+
+
+def config_from_dict(cls: type, values: dict):
+    """``cls(**values)`` for a config dataclass, refusing keys it does not have (with the valid ones) instead of
+    a TypeError naming one of them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(known)}")
+    return cls(**values)
