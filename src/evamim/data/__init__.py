@@ -21,6 +21,7 @@ _LAZY = {
     "Collator": "evamim.data.collate",
     "ResumableDistributedSampler": "evamim.data.sampler",
     "SyntheticShapes": "evamim.data.synthetic",
+    "SyntheticScenes": "evamim.data.scenes",
     "BatchMixup": "evamim.data.mixup",
     "build_mixup": "evamim.data.mixup",
     "BadSample": "evamim.data.decode",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from evamim.constants import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 
 SOURCE_KINDS = ("auto", "folder", "list", "csv", "shards", "synthetic")
+SYNTHETIC_WORLDS = ("shapes", "scenes")
 # Marks that make a data.path a shard specification whatever exists on disk: brace patterns, several
 # patterns joined by ::, commands and URLs, and tar archives (webdataset reads .tar, .tar.gz and .tgz).
 SHARD_MARKERS = ("{", "::", "pipe:", "://")
@@ -174,6 +175,11 @@ class DataConfig:
     synthetic_resolution: int = 96
     """Synthetic: side of the drawn image before cropping, in pixels."""
 
+    synthetic_world: str = "shapes"
+    """Synthetic: ``shapes`` (one rotated, textured shape anywhere over a textured background:
+    ``SyntheticShapes``) or ``scenes`` (1-4 upright objects of one shape in a 2 x 2 grid, each its own colour,
+    on a plain background: ``SyntheticScenes``, the demo's world). Both label the shape, one of 8."""
+
     def __post_init__(self) -> None:
         _one_of("source", self.source, SOURCE_KINDS)
         self.resolve_source()
@@ -244,6 +250,10 @@ class DataConfig:
             raise ValueError("data.prefetch_factor, data.max_image_pixels and data.synthetic_size must be >= 1")
         if self.synthetic_resolution < 8:
             raise ValueError(f"data.synthetic_resolution must be >= 8, got {self.synthetic_resolution}")
+        _one_of("synthetic_world", self.synthetic_world, SYNTHETIC_WORLDS)
+        if self.synthetic_world == "scenes" and self.synthetic_resolution < 16:
+            raise ValueError(f"data.synthetic_world=scenes draws a 2 x 2 grid: data.synthetic_resolution must be "
+                             f">= 16, got {self.synthetic_resolution}")
 
 
 def infer_source(path: str, name: str = "data.path") -> str:

@@ -4,7 +4,8 @@
 - ``list``: ``FileSource.from_list`` (``path`` or ``path label`` per line)
 - ``csv``: ``FileSource.from_table`` (a CSV / TSV of image paths and captions, ``evamim.data.tables``)
 - ``shards``: ``ShardDataset`` over WebDataset tar shards
-- ``synthetic``: ``SyntheticShapes`` (drawn shapes with captions and shape labels)
+- ``synthetic``: ``SyntheticShapes`` or ``SyntheticScenes`` (``data.synthetic_world``: drawn shapes with captions
+  and shape labels)
 
 ``auto`` reads the kind inferred from ``path`` (``DataConfig.resolve_source``), synthetic without a
 path. Map-style sources become a ``MapDataset``; shards an iterable ``ShardDataset``, whose epoch
@@ -23,6 +24,7 @@ from evamim.data.files import FileSource
 from evamim.data.mapstyle import MapDataset
 from evamim.data.shard_info import shard_set_size
 from evamim.data.shards import ShardDataset, expand_shards
+from evamim.data.scenes import SyntheticScenes
 from evamim.data.synthetic import SyntheticShapes
 from evamim.data.transforms import as_image_transform
 
@@ -40,7 +42,8 @@ def build_source(cfg: DataConfig) -> Any:
         return FileSource.from_table(cfg.path, path_column=cfg.csv_path_column,
                                      caption_column=cfg.csv_caption_column, delimiter=cfg.csv_delimiter)
     if kind == "synthetic":
-        return SyntheticShapes(cfg.synthetic_size, cfg.synthetic_resolution, seed=cfg.seed)
+        world = SyntheticScenes if cfg.synthetic_world == "scenes" else SyntheticShapes
+        return world(cfg.synthetic_size, cfg.synthetic_resolution, seed=cfg.seed)
     raise ValueError(f"data.source {kind!r} is not a map-style source")
 
 

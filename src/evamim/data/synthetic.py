@@ -71,20 +71,15 @@ class ShapeInfo:
         )
 
 
-class SyntheticShapes:
-    """Map-style source of ``size`` drawn images of ``resolution`` x ``resolution`` pixels."""
+class DrawnSource:
+    """What the synthetic worlds share: a map-style source of ``size`` drawn images, each with a caption and a
+    label; subclasses set ``size`` and ``origin`` and define ``draw(index) -> (image, mask, info)``, where
+    ``info`` has ``label`` and ``caption``."""
 
     has_labels = True
     has_captions = True
-    classes = list(SHAPES)
-
-    def __init__(self, size: int = 10_000, resolution: int = 96, seed: int = 0):
-        if size < 1 or resolution < 8:
-            raise ValueError(f"synthetic source needs size >= 1 and resolution >= 8, got {size}, {resolution}")
-        self.size = size
-        self.resolution = resolution
-        self.seed = seed
-        self.origin = f"synthetic(seed={seed}, resolution={resolution})"
+    size: int
+    origin: str
 
     def __len__(self) -> int:
         return self.size
@@ -95,6 +90,23 @@ class SyntheticShapes:
     def load(self, index: int, decode: object = None) -> RawSample:
         image, _, info = self.draw(index)
         return RawSample(image, label=info.label, caption=info.caption)
+
+    def draw(self, index: int) -> tuple[Image.Image, Image.Image, object]:
+        raise NotImplementedError
+
+
+class SyntheticShapes(DrawnSource):
+    """Map-style source of ``size`` drawn images of ``resolution`` x ``resolution`` pixels."""
+
+    classes = list(SHAPES)
+
+    def __init__(self, size: int = 10_000, resolution: int = 96, seed: int = 0):
+        if size < 1 or resolution < 8:
+            raise ValueError(f"synthetic source needs size >= 1 and resolution >= 8, got {size}, {resolution}")
+        self.size = size
+        self.resolution = resolution
+        self.seed = seed
+        self.origin = f"synthetic(seed={seed}, resolution={resolution})"
 
     def info(self, index: int) -> ShapeInfo:
         """What image ``index`` shows, without drawing it."""
@@ -222,23 +234,31 @@ def _texture(kind: str, rgb: tuple[int, int, int], side: int, rng: np.random.Gen
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, info: ShapeInfo) -> None:
-    cx, cy = info.center
-    r = info.radius
-    if info.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-    elif info.shape == "ring":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    draw_shape(draw, info.shape, info.center, info.radius, info.rotation)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: tuple[float, float], radius: float,
+               rotation: float = 0.0, fill: int | tuple[int, int, int] = 255,
+               hole: int | tuple[int, int, int] = 0) -> None:
+    """Draw ``shape`` (one of ``SHAPES``, or ``heart``) centred at ``center`` with outer radius ``radius`` pixels, rotated by
+    ``rotation`` degrees, in ``fill``; a ring's hole is painted ``hole`` (the background's value)."""
+    cx, cy = center
+    r = radius
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         inner = 0.55 * r
-        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
-    elif info.shape in ("square", "triangle", "hexagon"):
-        sides = {"square": 4, "triangle": 3, "hexagon": 6}[info.shape]
-        draw.regular_polygon((cx, cy, r), sides, rotation=info.rotation, fill=255)
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=hole)
+    elif shape in ("square", "triangle", "hexagon"):
+        sides = {"square": 4, "triangle": 3, "hexagon": 6}[shape]
+        draw.regular_polygon((cx, cy, r), sides, rotation=rotation, fill=fill)
     else:
-        outline = {"star": _star, "cross": _cross, "diamond": _diamond}[info.shape]()
-        angle = math.radians(info.rotation)
+        outline = {"star": _star, "cross": _cross, "diamond": _diamond, "heart": _heart}[shape]()
+        angle = math.radians(rotation)
         cos, sin = math.cos(angle), math.sin(angle)
         points = [(cx + r * (px * cos - py * sin), cy + r * (px * sin + py * cos)) for px, py in outline]
-        draw.polygon(points, fill=255)
+        draw.polygon(points, fill=fill)
 
 
 def _star() -> list[tuple[float, float]]:
@@ -257,3 +277,14 @@ def _cross() -> list[tuple[float, float]]:
 
 def _diamond() -> list[tuple[float, float]]:
     return [(0, -1), (0.62, 0), (0, 1), (-0.62, 0)]
+
+
+def _heart() -> list[tuple[float, float]]:
+    """The classic parametric heart (x = 16 sin^3 t, y = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t), in [-1, 1]."""
+    points = []
+    for k in range(32):
+        t = 2 * math.pi * k / 32
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        points.append((x / 17, -y / 17 - 0.05))
+    return points

@@ -31,7 +31,7 @@ CACHE_FORMAT = 1
 EVAL_DATA_FIELDS = (
     "source", "path", "image_size", "crop_pct", "interpolation", "mean", "std", "jpeg_draft", "labels", "max_image_pixels",
 )
-SYNTHETIC_DATA_FIELDS = ("seed", "synthetic_size", "synthetic_resolution")
+SYNTHETIC_DATA_FIELDS = ("seed", "synthetic_size", "synthetic_resolution", "synthetic_world")
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -127,13 +127,18 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 def _progress(loader: Any, desc: str, enabled: bool):
+    """A tqdm bar over ``loader`` on a terminal only (as the training loop's): in a log file a bar is a stream of
+    carriage returns."""
     from tqdm.auto import tqdm
+
+    from evamim.engine.progress import stderr_is_terminal
 
     try:
         total = len(loader)
     except TypeError:  # shards without data.samples_per_epoch: length unknown
         total = None
-    return tqdm(loader, total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=not enabled)
+    return tqdm(loader, total=total, desc=desc, unit="batch", dynamic_ncols=True,
+                disable=not (enabled and stderr_is_terminal()))
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""``evamim demo [--quick] [--output DIR] [--seed N] [--teacher SPEC]``: EVA's whole story on a CPU.
+
+On synthetic captioned scenes, with nothing to download: a small CLIP teacher, EVA students (clip_mim against
+it, pixel_mim and feature_distill for the paper's comparison), kNN and linear probes of every model against
+random init, then EVA-CLIP from the student vs from scratch; ``report.md``, ``results.json`` and figures at the
+end. Every stage is an ordinary evamim run (the same task functions as the CLI, so the same code paths as a
+multi-GPU run) in its own folder; re-running the command reuses finished stages and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEMO_OUTPUT = "runs/demo"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="the same pipeline with a fraction of the steps (under two minutes; for tests)")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help=f"where the stages and the report go (default {DEMO_OUTPUT}, {DEMO_OUTPUT}-quick with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every stage (data order, init, masks)")
+    parser.add_argument("--teacher", default=None, metavar="SPEC",
+                        help="use this teacher instead of training one, e.g. open_clip:ViT-B-16/openai (downloads)")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="print every stage as the evamim command that runs it, and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401  (the report's figures)
+    except ModuleNotFoundError:
+        print("evamim demo: the report's figures need matplotlib: pip install 'evamim[demo]'", file=sys.stderr)
+        return 2
+    if args.print_commands:
+        print(stage_commands(args))
+        return 0
+    from evamim.config import ConfigError
+    from evamim.data.scenes import SCENE_TEMPLATES
+    from evamim.demo.plan import FULL, QUICK, demo_stages
+    from evamim.demo.report import write_report
+    from evamim.demo.stages import headline, run_stage
+
+    budget = QUICK if args.quick else FULL
+    output = Path(args.output or (DEMO_OUTPUT + ("-quick" if args.quick else ""))).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    templates = output / "zeroshot_templates.txt"
+    templates.write_text("\n".join(SCENE_TEMPLATES) + "\n")
+    _console_logging()
+    stages = demo_stages(output, budget, seed=args.seed, teacher_spec=args.teacher, templates=templates)
+    log_file = output / "demo.log"
+    print(f"evamim demo ({budget.name}): {len(stages)} stages into {output} (details in {log_file.name})", flush=True)
+    records = {}
+    start = time.perf_counter()
+    for index, stage in enumerate(stages, 1):
+        print(f"[{index:>2}/{len(stages)}] {stage.title} ...", flush=True)
+        try:
+            record = run_stage(stage, log_file)
+        except ConfigError as error:
+            print(f"evamim demo: stage {stage.name}: {error}", file=sys.stderr)
+            return 2
+        records[stage.name] = record
+        how = "reused" if record["reused"] else f"{record['seconds']:.0f} s"
+        print(f"        {headline(stage, record.get('result'))} ({how})", flush=True)
+    results = write_report(output, stages, records, budget, seed=args.seed, teacher_spec=args.teacher)
+    print()
+    print(summary_table(results))
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; report: {output / 'report.md'}")
+    return 0
+
+
+def stage_commands(args: argparse.Namespace) -> str:
+    """Each stage as a shell command line (what the demo runs in-process), in order, after the one that writes
+    the zero-shot prompt file the CLIP stages read."""
+    import shlex
+
+    from evamim.demo.plan import FULL, QUICK, demo_stages
+
+    output = Path(args.output or (DEMO_OUTPUT + ("-quick" if args.quick else "")))
+    stages = demo_stages(output, QUICK if args.quick else FULL, seed=args.seed, teacher_spec=args.teacher,
+                         templates=output / "zeroshot_templates.txt")
+    templates = str(output / "zeroshot_templates.txt")
+    write_templates = (f"mkdir -p {shlex.quote(str(output))} && python -c "
+                       + shlex.quote("import sys; from evamim.data.scenes import SCENE_TEMPLATES; "
+                                     "open(sys.argv[1], 'w').write(chr(10).join(SCENE_TEMPLATES) + chr(10))")
+                       + f" {shlex.quote(templates)}")
+    lines = [write_templates]
+    lines += [f"evamim {stage.command} " + " ".join(shlex.quote(o) for o in stage.overrides) for stage in stages]
+    return "\n".join(lines)
+
+
+def summary_table(results: dict) -> str:
+    """The console's closing table: probes per model, then the EVA-CLIP comparison."""
+    from evamim.tasks.common import format_table
+
+    rows = [{"model": model.replace("_", " "), "kNN top-1": entry.get("knn_top1"),
+             "linear probe top-1": entry.get("linprobe_top1")} for model, entry in results["probes"].items()]
+    eva = results["eva_clip"]
+    lines = [format_table(rows, ["model", "kNN top-1", "linear probe top-1"]), "",
+             f"EVA-CLIP zero-shot top-1: from the EVA student {_value(eva['clip_from_eva']['final'])}, "
+             f"from scratch {_value(eva['clip_from_scratch']['final'])}"]
+    if "teacher_zeroshot" in results:
+        lines.append(f"teacher CLIP zero-shot top-1: {_value(results['teacher_zeroshot']['final'])}")
+    return "\n".join(lines)
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _console_logging() -> None:
+    """Warnings and errors on the console; each stage sends its INFO lines to demo.log (see stages.py)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_evamim_demo", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._evamim_demo = True
+        root.addHandler(handler)
