@@ -31,14 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.print_commands:
+        print(stage_commands(args))
+        return 0
     try:
         import matplotlib  # noqa: F401  (the report's figures)
     except ModuleNotFoundError:
         print("evamim demo: the report's figures need matplotlib: pip install 'evamim[demo]'", file=sys.stderr)
         return 2
-    if args.print_commands:
-        print(stage_commands(args))
-        return 0
     from evamim.config import ConfigError
     from evamim.data.scenes import SCENE_TEMPLATES
     from evamim.demo.plan import FULL, QUICK, demo_stages
@@ -47,9 +47,13 @@ def run(args: argparse.Namespace) -> int:
 
     budget = QUICK if args.quick else FULL
     output = Path(args.output or (DEMO_OUTPUT + ("-quick" if args.quick else ""))).resolve()
-    output.mkdir(parents=True, exist_ok=True)
     templates = output / "zeroshot_templates.txt"
-    templates.write_text("\n".join(SCENE_TEMPLATES) + "\n")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        templates.write_text("\n".join(SCENE_TEMPLATES) + "\n")
+    except OSError as error:
+        print(f"evamim demo: cannot write into --output {output}: {error.strerror or error}", file=sys.stderr)
+        return 2
     _console_logging()
     stages = demo_stages(output, budget, seed=args.seed, teacher_spec=args.teacher, templates=templates)
     log_file = output / "demo.log"

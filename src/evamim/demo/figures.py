@@ -37,8 +37,7 @@ def loss_curves(panels: Mapping[str, tuple[str, Mapping[str, Curve]]], path: Pat
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
-            ax.legend()
+        ax.legend()
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     figure.tight_layout()

@@ -74,8 +74,9 @@ def demo_stages(output: Path, budget: Budget, *, seed: int = 0, teacher_spec: st
                 templates: Path | None = None) -> list[Stage]:
     """Every stage in order; ``teacher_spec`` (e.g. ``open_clip:ViT-B-16/openai``) replaces the teacher stage."""
     # No loader worker: on two cores it competes with the step for a core and slows it down (measured).
+    # A checkpoint every 100 steps: an interrupted stage resumes from there when the demo is run again.
     common = [*WORLD, "device=cpu", "data.num_workers=0", f"data.seed={seed}", "loop.epochs=null",
-              "checkpoint.every=100000"]
+              "checkpoint.every=100"]
     stages: list[Stage] = []
     trained_teacher = teacher_spec is None
     if trained_teacher:
