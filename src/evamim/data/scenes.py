@@ -9,9 +9,10 @@ background".
 
 Why this world and not ``SyntheticShapes``'s single rotated, textured shape anywhere in the image: there a
 small ViT does not learn the shape in a CPU budget even with labels (supervised, 4 blocks, 8-pixel patches:
-chance after 300 steps, 21-30% after 1,500), so no CLIP on its captions can. Here, at 64 pixels with
-16-pixel patches, each object covers 2 x 2 patches whose content already tells the shape: the same ViT,
-supervised, is at 100% after 400 steps, and a CLIP on the captions reaches ~80% zero-shot in a few hundred.
+chance after 300 steps, 19-30% after 1,500 even on large solid shapes), so no CLIP on its captions can.
+Here, at 64 pixels with 16-pixel patches, each object covers 2 x 2 patches whose content already tells the
+shape: the same ViT, supervised, is at 100% after 400 steps, and a CLIP on the captions reaches ~80%
+zero-shot in a few hundred.
 A masked patch's shape can be read from the object's other patches and from the other objects, while its
 colour changes from object to object: the patch-level targets EVA's masked prediction needs. Labels are per
 image (the shape) and per object (``SceneInfo.objects``: colour, cell, centre, radius; ``draw`` also returns
