@@ -183,7 +183,7 @@ def _figures(output: Path, stages: list[Stage], results: Mapping[str, Any], maps
             {"kNN": [probes[m].get("knn_top1") or 0.0 for m in models],
              "linear probe": [probes[m].get("linprobe_top1") or 0.0 for m in models]},
             folder / "probes.png", chance=CHANCE,
-            title=f"shape classification from frozen features, {LABELLED_PER_CLASS} labelled scenes per class"),
+            title=f"shape classification from frozen features\n({LABELLED_PER_CLASS} labelled scenes per class)"),
         "eva_clip": figures.accuracy_curves(
             {"vision tower from EVA (clip_mim)": results["eva_clip"]["clip_from_eva"]["curve"],
              "from scratch": results["eva_clip"]["clip_from_scratch"]["curve"]},
