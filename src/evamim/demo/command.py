@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from evamim.demo.stages import headline, run_stage
 
     budget = QUICK if args.quick else FULL
-    output = Path(args.output or (DEMO_OUTPUT + ("-quick" if args.quick else ""))).resolve()
+    output = output_dir(args).resolve()
     templates = output / "zeroshot_templates.txt"
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--output``, or the default folder of the budget (as given: relative paths stay relative)."""
+    return Path(args.output or (DEMO_OUTPUT + ("-quick" if args.quick else "")))
+
+
 def stage_commands(args: argparse.Namespace) -> str:
     """Each stage as a shell command line (what the demo runs in-process), in order, after the one that writes
     the zero-shot prompt file the CLIP stages read."""
@@ -84,7 +89,7 @@ def stage_commands(args: argparse.Namespace) -> str:
 
     from evamim.demo.plan import FULL, QUICK, demo_stages
 
-    output = Path(args.output or (DEMO_OUTPUT + ("-quick" if args.quick else "")))
+    output = output_dir(args)
     stages = demo_stages(output, QUICK if args.quick else FULL, seed=args.seed, teacher_spec=args.teacher,
                          templates=output / "zeroshot_templates.txt")
     templates = str(output / "zeroshot_templates.txt")

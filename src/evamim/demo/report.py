@@ -44,7 +44,6 @@ def curve(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 def collect(output: Path, stages: list[Stage], records: Mapping[str, Mapping[str, Any]], budget: Budget, *,
             seed: int, teacher_spec: str | None) -> dict[str, Any]:
     """The demo's numbers as one JSON-able dict."""
-    by_name = {stage.name: stage for stage in stages}
     results: dict[str, Any] = {
         "budget": budget.name, "seed": seed,
         "teacher": teacher_spec or f"local:{output / 'teacher' / 'model'} (stage 1)",
@@ -52,11 +51,14 @@ def collect(output: Path, stages: list[Stage], records: Mapping[str, Mapping[str
         "seconds": {name: record.get("seconds") for name, record in records.items()},
     }
     results["total_seconds"] = round(sum(v or 0.0 for v in results["seconds"].values()), 1)
-    if "teacher" in by_name:
-        results["teacher_zeroshot"] = _zero_shot(by_name["teacher"].directory)
+    # Each training stage's metrics.jsonl is read once: its loss curve (the figures draw these) and zero-shot curve.
+    logged = {stage.name: read_metrics(stage.directory) for stage in stages if stage.command in ("clip", "pretrain")}
+    results["loss_curves"] = {name: curve(records_, "loss") for name, records_ in logged.items()}
+    if "teacher" in logged:
+        results["teacher_zeroshot"] = _zero_shot(logged["teacher"])
     results["students"] = {}
-    for objective in (name for name in STUDENT_OBJECTIVES if name in by_name):
-        losses = curve(read_metrics(by_name[objective].directory), "loss")
+    for objective in (name for name in STUDENT_OBJECTIVES if name in logged):
+        losses = results["loss_curves"][objective]
         results["students"][objective] = {"first_loss": losses[0][1] if losses else None,
                                           "final_loss": losses[-1][1] if losses else None}
     results["probes"] = {}
@@ -68,13 +70,13 @@ def collect(output: Path, stages: list[Stage], records: Mapping[str, Mapping[str
         entry = results["probes"].setdefault(model, {})
         entry[f"{stage.command}_top1"] = best.get("top1")
         entry[f"{stage.command}_features"] = best.get("features")
-    results["eva_clip"] = {name: _zero_shot(by_name[name].directory) for name in ("clip_from_eva", "clip_from_scratch")}
+    results["eva_clip"] = {name: _zero_shot(logged[name]) for name in ("clip_from_eva", "clip_from_scratch")}
     results["findings"] = findings(results)
     return results
 
 
-def _zero_shot(directory: Path) -> dict[str, Any]:
-    points = curve(read_metrics(directory), "eval/zeroshot_top1")
+def _zero_shot(records: list[dict[str, Any]]) -> dict[str, Any]:
+    points = curve(records, "eval/zeroshot_top1")
     return {"curve": points, "final": points[-1][1] if points else None}
 
 
@@ -146,28 +148,25 @@ def write_report(output: Path, stages: list[Stage], records: Mapping[str, Mappin
     maps = masked_prediction_maps(output / "clip_mim" / "model", spec, seed, COSINE_SCENES)
     results["masked_prediction"] = {"scenes": COSINE_SCENES, "cos_masked": maps["cos_masked"],
                                     "cos_visible": maps["cos_visible"]}
-    paths = _figures(output, stages, results, maps)
+    paths = _figures(output, results, maps)
     results["figures"] = {name: str(path.relative_to(output)) for name, path in paths.items()}
     atomic.write_json(output / "results.json", results)
     atomic.write_text(output / "report.md", markdown(results, stages))
     return results
 
 
-def _figures(output: Path, stages: list[Stage], results: Mapping[str, Any], maps: Mapping[str, Any]) -> dict[str, Path]:
-    by_name = {stage.name: stage for stage in stages}
+def _figures(output: Path, results: Mapping[str, Any], maps: Mapping[str, Any]) -> dict[str, Path]:
+    losses = results["loss_curves"]
     folder = output / "figures"
     panels: dict[str, tuple[str, dict]] = {}
-    if "teacher" in by_name:
-        panels["stage 1: teacher CLIP"] = ("contrastive loss", {"teacher": curve(read_metrics(by_name["teacher"].directory), "loss")})
+    if "teacher" in losses:
+        panels["stage 1: teacher CLIP"] = ("contrastive loss", {"teacher": losses["teacher"]})
     panels["stage 2: students with CLIP targets"] = ("negative cosine to the teacher", {
-        objective: curve(read_metrics(by_name[objective].directory), "loss")
-        for objective in ("clip_mim", "feature_distill") if objective in by_name})
-    if "pixel_mim" in by_name:
-        panels["stage 2: pixel_mim student"] = ("MSE to normalised pixels", {
-            "pixel_mim": curve(read_metrics(by_name["pixel_mim"].directory), "loss")})
+        objective: losses[objective] for objective in ("clip_mim", "feature_distill") if objective in losses})
+    if "pixel_mim" in losses:
+        panels["stage 2: pixel_mim student"] = ("MSE to normalised pixels", {"pixel_mim": losses["pixel_mim"]})
     panels["stage 4: EVA-CLIP"] = ("contrastive loss", {
-        "vision tower from EVA (clip_mim)": curve(read_metrics(by_name["clip_from_eva"].directory), "loss"),
-        "from scratch": curve(read_metrics(by_name["clip_from_scratch"].directory), "loss")})
+        "vision tower from EVA (clip_mim)": losses["clip_from_eva"], "from scratch": losses["clip_from_scratch"]})
     probes = results["probes"]
     models = list(probes)
     shown = slice(0, FIGURE_SCENES)

@@ -11,13 +11,13 @@ import contextlib
 import importlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from evamim import atomic
 from evamim.demo.plan import Stage
+from evamim.tasks.runner import json_default
 
 MARKER = "demo-stage.json"
 # command -> (module, config class, run function): the same pairs the CLI commands run.
@@ -55,8 +55,9 @@ def run_stage(stage: Stage, log_file: Path) -> dict[str, Any]:
     with open(log_file, "a") as log, contextlib.redirect_stdout(log), _logging_to(log):
         print(f"==== {stage.name}: evamim {stage.command} {' '.join(stage.overrides)}", flush=True)
         result = run(config)
-    record = {"overrides": list(stage.overrides), "seconds": round(time.perf_counter() - start, 1),
-              "result": _jsonable(result)}
+    # Through JSON and back, so that a fresh record is the same as one read from demo-stage.json later.
+    as_json = json.loads(json.dumps(result, default=json_default))
+    record = {"overrides": list(stage.overrides), "seconds": round(time.perf_counter() - start, 1), "result": as_json}
     stage.directory.mkdir(parents=True, exist_ok=True)
     atomic.write_json(stage.directory / MARKER, record)
     return {**record, "reused": False}
@@ -76,21 +77,6 @@ def _logging_to(stream):
     finally:
         root.removeHandler(handler)
         root.setLevel(previous)
-
-
-def _jsonable(value: Any) -> Any:
-    """Task results as JSON: tensors and numpy scalars as numbers, non-finite floats as None."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (int, str, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def headline(stage: Stage, result: dict[str, Any]) -> str:

@@ -222,11 +222,12 @@ def write_summary(output_dir: Path, summary: Mapping[str, Any]) -> Path:
     from evamim.atomic import write_text
 
     path = Path(output_dir) / "summary.json"
-    write_text(path, json.dumps(summary, indent=2, default=_json_default) + "\n")
+    write_text(path, json.dumps(summary, indent=2, default=json_default) + "\n")
     return path
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default`` for task results: tensors as lists, paths as strings, numbers as floats."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, Path):
