@@ -128,3 +128,9 @@ def test_an_output_that_cannot_be_written_is_refused_in_one_line(tmp_path, capsy
     blocker.write_text("")
     assert main(["demo", "--quick", "--output", str(blocker / "demo")]) == 2
     assert capsys.readouterr().err.startswith(f"evamim demo: cannot write into --output {blocker / 'demo'}")
+
+
+def test_under_torchrun_the_demo_refuses_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--quick", "--output", str(tmp_path / "demo")]) == 2
+    assert "runs on one process" in capsys.readouterr().err and not (tmp_path / "demo").exists()

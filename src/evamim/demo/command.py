@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would run every stage and write the same folders; the stages' own commands take torchrun.
+        print("evamim demo runs on one process: start it without torchrun (`evamim demo --print-commands` lists "
+              "the stages' commands, which run on several)", file=sys.stderr)
+        return 2
     if args.print_commands:
         print(stage_commands(args))
         return 0
