@@ -5,7 +5,8 @@ where torch is a CPU build and torchvision a CUDA build (see ``evamim._compat``)
 finder on ``sys.meta_path``, which imports nothing. The finder wraps torchvision's loader, so that when
 torchvision is actually imported (not when a library merely probes for it with ``importlib.util.find_spec``,
 which torch itself does while it is being imported) evamim's guard runs first and declares the op schemas
-torchvision's import needs. A top-level module, not part of the evamim package, so start-up imports no torch.
+torchvision's import needs, then gives ``torchvision.ops.nms`` and ``roi_align`` evamim's CPU paths. A top-level module, not
+part of the evamim package, so start-up imports no torch.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ class _GuardedLoader(importlib.abc.Loader):
         # From here on the module is torchvision's as usual (resource lookups go to its real loader).
         module.__loader__ = module.__spec__.loader = self._loader
         try:
-            from evamim._compat import declare_torchvision_schemas
+            from evamim._compat import declare_torchvision_schemas, enable_cpu_detection_ops
         except ImportError:  # evamim was uninstalled but the .pth line stayed: import as if it were not here
-            pass
-        else:
-            declare_torchvision_schemas()
+            self._loader.exec_module(module)
+            return
+        declare_torchvision_schemas()
         self._loader.exec_module(module)
+        enable_cpu_detection_ops()  # torchvision.ops.nms on the CPU kernel the schemas came with, a faster roi_align
 
     def __getattr__(self, name):
         return getattr(self._loader, name)

@@ -183,7 +183,7 @@ TASK_MISTAKES = [
      ["optim.warmup_epochs", "loop.epochs"]),
     ("finetune", ["model.name=eva_tiny_p17"], ["unknown model", "eva_tiny_p17"]),
     ("segment", ["optim.warmup_steps=500"], ["optim.warmup_steps", "loop.total_steps"]),
-    ("segment", ["optim.schedule=step"], ["optim.schedule", "poly"]),
+    ("segment", ["optim.schedule=stepwise"], ["optim.schedule", "poly"]),
     ("segment", ["optim.betas=[0.9, 1.5]"], ["optim.betas"]),
     ("segment", ["loop.precision=fp64"], ["loop.precision"]),
     ("linprobe", ["model.name=eva_tiny"], ["model.name", "eva_tiny"]),

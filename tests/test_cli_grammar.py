@@ -149,7 +149,7 @@ def test_without_recipes_the_help_shows_the_given_example(toy, capsys):
 
 # ------------------------------------------------------------------------------- --config NAME | FILE
 def test_every_recipe_resolves_by_name_to_its_packaged_file():
-    assert set(recipes.commands()) == {"pretrain", "finetune", "segment", "knn", "linprobe", "clip"}
+    assert set(recipes.commands()) == {"pretrain", "finetune", "segment", "detect", "knn", "linprobe", "clip"}
     for command in recipes.commands():
         for name in recipes.names(command):
             path = recipes.resolve(command, name)

@@ -163,3 +163,67 @@ def test_clip_on_two_processes_with_gathered_features_matches_one_process(tmp_pa
     c = load_file(str(tmp_path / "fsdp" / "model" / "model.safetensors"))
     assert c.keys() == b.keys() and max_difference(c, b) < 5 * TOLERANCE
     assert summary(tmp_path / "fsdp")["validation"] == pytest.approx(theirs, abs=1e-4)
+
+
+# -------------------------------------------------------------------------------------------- detection
+def detect_config(root: Path, output_dir: Path, world: int):
+    """The tiny detector of test_detection. Its losses cannot match across process counts (the RPN and RoI heads
+    sample anchors and proposals with each process's own random draws); what must match is the evaluation."""
+    from evamim.tasks.detection import DetectConfig
+    from test_detection import tiny_overrides as detect_overrides
+
+    overrides = detect_overrides(root, output_dir, STEPS) + [
+        f"batch_size={8 // world}", "head.score_threshold=0.0", "checkpoint.every=2", "loop.eval_every=2"]
+    return load_config(DetectConfig, None, overrides)
+
+
+def _detection_scores(model_dir: Path, config, rank: int, world: int) -> dict:
+    """The COCO metrics of an exported detector, each process scoring its share of the validation images (one
+    image per forward: the same arithmetic for each image whatever its neighbours), gathered by the runner."""
+    import torch
+
+    from evamim.data.detection import CocoAnnotations, build_det_loader
+    from evamim.models.detector import load_detector
+    from evamim.tasks.det_metrics import DetectionEvaluation
+    from evamim.tasks.runner import _AllReducedEvaluation
+
+    annotations = CocoAnnotations(config.val_data.annotations)
+    loader = build_det_loader(config.data, "eval", 1, images=config.val_data.images, annotations=annotations,
+                              rank=rank, world_size=world)
+    detector = load_detector(model_dir)[0].eval()
+    evaluation = _AllReducedEvaluation(DetectionEvaluation(loader, torch.device("cpu"), annotations),
+                                       torch.device("cpu"))
+    with torch.no_grad():
+        return evaluation(detector)
+
+
+def _detect_worker(rank: int, tmp: str) -> None:
+    from evamim.tasks.detection import run_detection
+
+    with gloo_group(rank, f"{tmp}/rendezvous"):
+        config = detect_config(Path(tmp) / "inst", Path(tmp) / "ddp", WORLD)
+        run_detection(config)  # DDP: no parameter left without a gradient, the gathered evaluation inside
+        scores = _detection_scores(Path(tmp) / "one" / "model", config, rank, WORLD)
+        if rank == 0:
+            (Path(tmp) / "two_process_scores.json").write_text(json.dumps(scores))
+
+
+@pytest.mark.slow  # ~40 s on 2 cores
+def test_detection_on_two_processes_trains_and_scores_as_one_process(tmp_path):
+    """COCOeval of 9 validation images split 5 / 4 over two processes equals one process's, to the last digit."""
+    from test_detection import write_dataset
+
+    write_dataset(tmp_path / "inst", train=16, val=9)
+    with OneThread():
+        config = detect_config(tmp_path / "inst", tmp_path / "one", 1)
+        from evamim.tasks.detection import run_detection
+
+        run_detection(config)
+        one_process = _detection_scores(tmp_path / "one" / "model", config, 0, 1)
+    mp.spawn(_detect_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+
+    two_processes = json.loads((tmp_path / "two_process_scores.json").read_text())
+    assert one_process["detections"] == 9 * 100  # score threshold 0: every image keeps 100 detections
+    assert two_processes == one_process
+    trained = summary(tmp_path / "ddp")
+    assert trained["processes"] == 2 and trained["steps"] == STEPS and "bbox_AP" in trained["validation"]

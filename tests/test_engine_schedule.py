@@ -40,8 +40,8 @@ def test_no_warmup_starts_at_base_lr():
 
 
 def test_schedule_function_validates_up_front():
-    with pytest.raises(ValueError, match="unknown schedule kind 'step'"):
-        make_lr_schedule(10, 1.0, kind="step")
+    with pytest.raises(ValueError, match="unknown schedule kind 'stepwise'"):
+        make_lr_schedule(10, 1.0, kind="stepwise")
     with pytest.raises(ValueError, match="warmup_steps must be in"):
         make_lr_schedule(10, 1.0, warmup_steps=11)
     schedule = make_lr_schedule(10, 1.0, 0.0, 2)
@@ -68,3 +68,25 @@ def test_warmup_epochs_resolve_to_steps():
 def test_is_pure():
     assert lr_at(33, 100, 1.0, 0.0, 10) == lr_at(33, 100, 1.0, 0.0, 10)
     assert math.isfinite(lr_at(-1, 100, 1.0, 0.0, 10))
+
+
+def test_step_schedule_drops_by_gamma_at_each_milestone_after_warmup():
+    """detectron2's multi-step schedule (ViTDet / EVA detection): the drop applies from the milestone step on."""
+    from evamim.engine.schedule import make_lr_schedule
+
+    schedule = make_lr_schedule(100, 1.0, warmup_steps=10, kind="step", milestones=[90, 60], gamma=0.1)
+    assert schedule(0) == 0.0 and schedule(5) == 0.5
+    assert [schedule(s) for s in (10, 59)] == [1.0, 1.0]
+    assert schedule(60) == pytest.approx(0.1) and schedule(89) == pytest.approx(0.1)
+    assert schedule(90) == pytest.approx(0.01) and schedule(99) == pytest.approx(0.01)
+
+
+def test_step_schedule_settings_are_checked():
+    from evamim.engine.optim import OptimConfig
+
+    with pytest.raises(ValueError, match="optim.schedule=step needs optim.milestones"):
+        OptimConfig(schedule="step")
+    with pytest.raises(ValueError, match="only apply to optim.schedule=step"):
+        OptimConfig(milestones=[10])
+    with pytest.raises(ValueError, match="optim.gamma must be in"):
+        OptimConfig(schedule="step", milestones=[10], gamma=0)

@@ -4,6 +4,8 @@ A batch is any nesting of dicts, tuples/lists (including namedtuples) and leaves
 - a tensor with a dim 0 is per-sample: one row per sample;
 - a list/tuple of plain values (str, bytes, int, float, bool, None: e.g. captions, file names) is
   per-sample too, one entry per sample, and is split like a tensor;
+- a :class:`PerSample` list holds one object of any structure per sample (images of different sizes,
+  detection targets) and is split like a tensor;
 - any other leaf (a number, a string on its own, a 0-d tensor) is per-batch, shared by every
   micro-batch unchanged.
 Every per-sample entry must hold exactly batch-size entries: one of another length is refused with
@@ -19,10 +21,19 @@ import torch
 _SAMPLE_VALUES = (str, bytes, int, float, bool, type(None))
 
 
+class PerSample(list):
+    """A list with one entry per sample, whatever each entry holds (a (3, h, w) image of its own size, a dict of
+    target tensors): per-sample as a whole, never looked into."""
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        return PerSample(item) if isinstance(index, slice) else item
+
+
 def _is_sample_sequence(obj) -> bool:
-    return isinstance(obj, (list, tuple)) and not _is_namedtuple(obj) and all(
+    return isinstance(obj, PerSample) or (isinstance(obj, (list, tuple)) and not _is_namedtuple(obj) and all(
         isinstance(item, _SAMPLE_VALUES) for item in obj
-    )
+    ))
 
 
 def _is_namedtuple(obj) -> bool:

@@ -16,7 +16,7 @@ weight decay into per-group values, so a schedule is one number per step whateve
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -39,9 +39,13 @@ class OptimConfig:
     min_lr: float = 1e-5
     """Learning rate at the last step for the ``cosine`` and ``poly`` schedules."""
     schedule: str = "cosine"
-    """``cosine``, ``constant`` or ``poly``; all warm up linearly from 0 first."""
+    """``cosine``, ``constant``, ``poly`` or ``step``; all warm up linearly from 0 first."""
     poly_power: float = 1.0
     """Exponent of the ``poly`` schedule (1.0 = linear decay)."""
+    milestones: list[int] = field(default_factory=list)
+    """The ``step`` schedule: optimizer steps from which the lr is multiplied by ``gamma`` once more."""
+    gamma: float = 0.1
+    """The ``step`` schedule's factor at each milestone."""
     warmup_steps: int | None = None
     """Warmup length in optimizer steps; leave ``None`` to use ``warmup_epochs``."""
     warmup_epochs: float = 0.0
@@ -99,6 +103,15 @@ class OptimConfig:
             found.append(f"optim.momentum must be in [0, 1), got {self.momentum}")
         if not self.poly_power > 0:
             found.append(f"optim.poly_power must be > 0, got {self.poly_power}")
+        if self.schedule == "step" and not self.milestones:
+            found.append("optim.schedule=step needs optim.milestones (the optimizer steps where the lr drops)")
+        if self.milestones and self.schedule != "step":
+            found.append(f"optim.milestones {list(self.milestones)} only apply to optim.schedule=step, not "
+                         f"{self.schedule!r}")
+        if any(int(m) < 1 for m in self.milestones):
+            found.append(f"optim.milestones must be optimizer steps >= 1, got {list(self.milestones)}")
+        if not 0 < self.gamma <= 1:
+            found.append(f"optim.gamma must be in (0, 1], got {self.gamma}")
         if not self.trust_coefficient > 0:
             found.append(f"optim.trust_coefficient must be > 0, got {self.trust_coefficient}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:

@@ -11,10 +11,11 @@ Step convention: ``step`` counts optimizer steps already taken, so the first upd
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
-SCHEDULE_KINDS = ("cosine", "constant", "poly")
+SCHEDULE_KINDS = ("cosine", "constant", "poly", "step")
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -40,6 +41,8 @@ def lr_at(
     warmup_steps: int = 0,
     kind: str = "cosine",
     power: float = 1.0,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
 ) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
 
@@ -49,6 +52,9 @@ def lr_at(
       ``constant`` linear warmup from 0, then ``base_lr``; ``min_lr`` is ignored.
       ``poly``     linear warmup from 0, then ``min_lr + (base_lr - min_lr) * (1 - t) ** power``
                    (the segmentation recipes, power 1.0 = linear decay).
+      ``step``     linear warmup from 0, then ``base_lr * gamma ** k`` where k counts the ``milestones`` (steps)
+                   already reached, ``step >= milestone`` (detectron2's multi-step schedule of the detection
+                   recipes); ``min_lr`` is ignored.
     Past ``total_steps`` the value stays at the end value.
     """
     if kind not in SCHEDULE_KINDS:
@@ -61,6 +67,8 @@ def lr_at(
         return base_lr * warmup_factor(step, warmup_steps)
     if kind == "constant":
         return base_lr
+    if kind == "step":
+        return base_lr * gamma ** bisect.bisect_right(sorted(milestones), step)
     t = decay_progress(step, total_steps, warmup_steps)
     if kind == "cosine":
         return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t))
@@ -109,12 +117,15 @@ def make_lr_schedule(
     warmup_steps: int = 0,
     kind: str = "cosine",
     power: float = 1.0,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
 ) -> Callable[[int], float]:
     """Bind the run's settings into a ``step -> lr`` function (validated once, here)."""
     lr_at(0, total_steps, base_lr, min_lr, warmup_steps, kind, power)  # raises on bad settings now, not mid-run
+    milestones = tuple(sorted(int(m) for m in milestones))
 
     def schedule(step: int) -> float:
-        return lr_at(step, total_steps, base_lr, min_lr, warmup_steps, kind, power)
+        return lr_at(step, total_steps, base_lr, min_lr, warmup_steps, kind, power, milestones, gamma)
 
     return schedule
 

@@ -8,9 +8,10 @@ Conventions:
 
 Heads:
 - ``LinearHead``: BatchNorm + 1x1 conv on one block's map (a linear classifier per patch).
-- ``UperNetHead``: a ViTDet-style ``SimpleFeaturePyramid`` turns four block outputs (all at stride p)
-  into maps at strides p/4, p/2, p and 2p (4, 8, 16, 32 for p = 16), then UPerNet's pyramid pooling
-  module (PPM) on the coarsest map and FPN fusion of all four; logits come out at stride p/4.
+- ``UperNetHead``: BEiT's ``SimpleFeaturePyramid`` (``evamim.models.pyramid``, shared with detection) turns
+  four block outputs (all at stride p) into maps at strides p/4, p/2, p and 2p (4, 8, 16, 32 for p = 16), then
+  UPerNet's pyramid pooling module (PPM) on the coarsest map and FPN fusion of all four; logits come out at
+  stride p/4.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evamim import atomic
+from evamim.models.pyramid import SimpleFeaturePyramid
 from evamim.models.vit import EvaViT, EvaViTConfig, feature_take_indices
 
 HEAD_KINDS = ("linear", "upernet")
@@ -41,46 +43,6 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
-
-
-def _upsample2x(channels: int, last: bool) -> list[nn.Module]:
-    """A 2x2 stride-2 transposed conv, followed by BN + GELU unless it is the last of the branch."""
-    layers: list[nn.Module] = [nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)]
-    if not last:
-        layers += [nn.BatchNorm2d(channels), nn.GELU()]
-    return layers
-
-
-class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple feature pyramid (as in BEiT's segmentation): stride-p maps -> strides p/4, p/2, p, 2p.
-
-    Level 0: two 2x deconvolutions (x4), level 1: one deconvolution (x2), level 2: identity, level 3:
-    2x2 max-pooling (x1/2). Each level takes its own input map (BEiT: four different blocks), or all
-    take the same one when a single map is given (ViTDet). Channels stay ``dim`` on every level.
-
-    forward: list of 4 (or 1) maps (B, dim, h, w) -> list of 4 maps (B, dim, 4h, 4w), (2h, 2w), (h, w),
-    (h // 2, w // 2).
-    """
-
-    scales = (4.0, 2.0, 1.0, 0.5)
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.levels = nn.ModuleList(
-            [
-                nn.Sequential(*_upsample2x(dim, last=False), *_upsample2x(dim, last=True)),
-                nn.Sequential(*_upsample2x(dim, last=True)),
-                nn.Identity(),
-                nn.MaxPool2d(kernel_size=2, stride=2),
-            ]
-        )
-
-    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(features) == 1:
-            features = list(features) * len(self.levels)
-        if len(features) != len(self.levels):
-            raise ValueError(f"SimpleFeaturePyramid takes 1 or {len(self.levels)} maps, got {len(features)}")
-        return [level(x) for level, x in zip(self.levels, features)]
 
 
 class PyramidPooling(nn.Module):

@@ -33,6 +33,7 @@ from evamim.models.vit_layers import (
     Mlp,
     PatchEmbed,
     RotaryEmbedding2d,
+    Windows,
     apply_rope,
     drop_path,
 )
@@ -153,17 +154,51 @@ class EvaViT(nn.Module):
         rope = self.rope(grid) if self.rope is not None else None
         return x, rope, grid
 
-    def _run_block(self, block: Block, x: torch.Tensor, rope) -> torch.Tensor:
+    def _run_block(self, block: Block, x: torch.Tensor, rope, window: Windows | None = None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, rope, use_reentrant=False)
-        return block(x, rope)
+            return checkpoint(block, x, rope, window, use_reentrant=False)
+        return block(x, rope, window)
+
+    @property
+    def windowed(self) -> bool:
+        """Window attention (``config.window_size``): patch tokens only, feature maps only."""
+        return self.config.window_size > 0
+
+    def _refuse_windowed(self, what: str) -> None:
+        if self.windowed:
+            raise ValueError(f"{what} needs global attention with the cls token, but this model has window attention "
+                             f"(window_size={self.config.window_size}, ViTDet-style: no cls token); use "
+                             "forward_intermediates for feature maps, or build the model with window_size=0")
+
+    def _run_blocks(self, x: torch.Tensor, rope, grid: tuple[int, int], take: Sequence[int] = (),
+                    stop_early: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All blocks (or those up to ``max(take)`` with ``stop_early``): the last one's tokens and the outputs
+        of the blocks ``take``.
+
+        Windowed models: x holds patch tokens only; blocks outside ``global_blocks`` attend within windows, with
+        the RoPE tables of one window's grid (EVA-02's detection backbone: ``rope_win``)."""
+        # (windows, RoPE tables) of the global blocks, and of the others
+        global_attention = local_attention = (None, rope)
+        if self.windowed:
+            size = self.config.window_size
+            global_attention = (Windows(grid, grid), rope)  # patch tokens only: one window of the whole grid
+            local_attention = (Windows(grid, size), self.rope((size, size)) if self.rope is not None else None)
+        global_blocks = set(self.config.global_blocks)
+        blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
+        outputs = []
+        for index, block in enumerate(blocks):
+            windows, tables = global_attention if index in global_blocks else local_attention
+            x = self._run_block(block, x, tables, windows)
+            if index in take:
+                outputs.append(x)
+        return x, outputs
 
     def forward_features(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W), mask (B, N) bool with True = masked -> tokens (B, 1 + N, C) after the final norm
         (``norm`` is an identity in models with ``fc_norm``, i.e. global_pool='avg' by default)."""
-        x, rope, _ = self._embed(images, mask)
-        for block in self.blocks:
-            x = self._run_block(block, x, rope)
+        self._refuse_windowed("forward_features")
+        x, rope, grid = self._embed(images, mask)
+        x, _ = self._run_blocks(x, rope, grid)
         return self.norm(x)
 
     def forward_visible(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -175,6 +210,7 @@ class EvaViT(nn.Module):
         so each visible token carries the position it has in the full grid; blocks then see only 1 + K tokens.
         Needs no mask token.
         """
+        self._refuse_windowed("forward_visible")
         x, rope, grid = self._embed(images, None)
         if visible.ndim != 2 or visible.shape[0] != x.shape[0] or visible.dtype != torch.long:
             raise ValueError(f"visible must be (batch, K) long patch indices, got {tuple(visible.shape)} {visible.dtype}")
@@ -206,19 +242,23 @@ class EvaViT(nn.Module):
         Each intermediate is (B, C, h, w) for 'NCHW' or (B, N, C) for 'NLC', without the cls token unless
         ``return_prefix_tokens`` (then (spatial, (B, 1, C)) pairs). ``norm`` applies the final norm to each.
         Returns the list alone with ``intermediates_only``, else (final tokens (B, 1 + N, C), list).
+
+        A windowed model (``window_size``) has no cls token: the final tokens are (B, N, C) and
+        ``return_prefix_tokens`` is refused.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if return_prefix_tokens:
+            self._refuse_windowed("return_prefix_tokens")
         take = feature_take_indices(len(self.blocks), indices)
         x, rope, grid = self._embed(images, mask)
-        blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
-        intermediates = []
-        for index, block in enumerate(blocks):
-            x = self._run_block(block, x, rope)
-            if index in take:
-                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = 1
+        if self.windowed:
+            x, prefix_tokens = x[:, 1:], 0  # ViTDet drops the cls token (and its position) before the blocks
+        x, intermediates = self._run_blocks(x, rope, grid, take, stop_early)
+        intermediates = [self.norm(y) if norm else y for y in intermediates]
         prefix = [y[:, :1] for y in intermediates]
-        spatial = [y[:, 1:] for y in intermediates]
+        spatial = [y[:, prefix_tokens:] for y in intermediates]
         if output_fmt == "NCHW":
             spatial = [y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in spatial]
         outputs = list(zip(spatial, prefix)) if return_prefix_tokens else spatial
@@ -271,6 +311,7 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "RotaryEmbedding2d",
+    "Windows",
     "apply_rope",
     "drop_path",
     "feature_take_indices",

@@ -64,6 +64,13 @@ class EvaViTConfig:
     pos_embed_antialias: bool = False
     """Antialias when resampling pos_embed: off matches the official EVA code, on matches timm."""
     grad_checkpointing: bool = False
+    window_size: int = 0
+    """ViTDet window attention: every block not in ``global_blocks`` attends only within non-overlapping
+    ``window_size`` x ``window_size`` windows of the patch grid, and the cls token is dropped after the position
+    embedding (ViTDet), so such a model gives feature maps (``forward_intermediates``), not a pooled output.
+    The weights are those of the global-attention model. 0 = global attention in every block."""
+    global_blocks: tuple[int, ...] = ()
+    """With ``window_size``: the blocks that keep global attention (ViTDet-B: 2, 5, 8, 11; EVA-g: 3, 7, ..., 39)."""
 
     def __post_init__(self) -> None:
         self.img_size = _pair(self.img_size)
@@ -78,6 +85,26 @@ class EvaViTConfig:
         for size in self.img_size:
             if size % self.patch_size:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.global_blocks = tuple(int(i) for i in self.global_blocks)
+        self._check_windows()
+
+    def _check_windows(self) -> None:
+        if self.window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (0 = global attention), got {self.window_size}")
+        if not self.window_size:
+            if self.global_blocks:
+                raise ValueError(f"global_blocks {list(self.global_blocks)} only apply with window attention: "
+                                 "set window_size, or leave global_blocks empty")
+            return
+        bad = [i for i in self.global_blocks if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"global_blocks {bad} out of range for depth {self.depth}")
+        grid = self.grid_size
+        if grid[0] % self.window_size or grid[1] % self.window_size:
+            raise ValueError(
+                f"the {grid[0]}x{grid[1]} patch grid (img_size {self.img_size[0]}x{self.img_size[1]}, patch "
+                f"{self.patch_size}) is not a multiple of window_size {self.window_size}; choose a window size that "
+                f"divides it (evamim does not pad windows: ViTDet's zero padding lets real tokens attend to padding)")
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -79,19 +79,53 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps) if config.sub_ln_attn else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (B, 1 + N, C) -> (B, 1 + N, C). RoPE, when given, rotates q and k of the patch tokens only."""
-        batch, tokens, dim = x.shape
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                window: Windows | None = None) -> torch.Tensor:
+        """x: (B, 1 + N, C) -> (B, 1 + N, C). RoPE, when given, rotates q and k of the patch tokens only.
+
+        With ``window`` (window attention, ViTDet): x is (B, N, C), patch tokens only, in row-major grid order;
+        each token attends within its window, and ``rope`` holds the tables of one window's grid.
+        """
+        batch, prefix = x.shape[0], 1
+        if window is not None:
+            x, prefix = window.partition(x), 0
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(*x.shape[:2], 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, 1 + N, head_dim)
         if rope is not None:
             sin, cos = rope
-            q = torch.cat((q[:, :, :1], apply_rope(q[:, :, 1:], sin, cos)), dim=2).type_as(v)
-            k = torch.cat((k[:, :, :1], apply_rope(k[:, :, 1:], sin, cos)), dim=2).type_as(v)
+            q = torch.cat((q[:, :, :prefix], apply_rope(q[:, :, prefix:], sin, cos)), dim=2).type_as(v)
+            k = torch.cat((k[:, :, :prefix], apply_rope(k[:, :, prefix:], sin, cos)), dim=2).type_as(v)
         x = F.scaled_dot_product_attention(q, k, v)  # scale = head_dim ** -0.5
-        x = x.transpose(1, 2).reshape(batch, tokens, dim)
+        x = x.transpose(1, 2).flatten(2)  # (B, 1 + N, C), or (B * windows, size * size, C)
+        if window is not None:
+            x = window.merge(x, batch)
         return self.proj(self.norm(x))
+
+
+class Windows:
+    """Non-overlapping windows of ``size`` (an int for squares, or (height, width)) over an (h, w) patch grid:
+    ViTDet's window attention, without padding (``size`` divides the grid). A window of the whole grid is global
+    attention over the patch tokens (the global blocks of a windowed model, which has no cls token)."""
+
+    def __init__(self, grid: tuple[int, int], size: int | tuple[int, int]):
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if grid[0] % size[0] or grid[1] % size[1]:
+            raise ValueError(f"a {grid[0]}x{grid[1]} patch grid cannot be cut into {size[0]}x{size[1]} windows; give "
+                             f"an input whose patch grid is a multiple of the window (the model's img_size)")
+        self.grid, self.size = tuple(grid), size
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h * w, C) in row-major grid order -> (B * windows, size_h * size_w, C), each window row-major."""
+        (h, w), (sh, sw), channels = self.grid, self.size, x.shape[-1]
+        x = x.reshape(x.shape[0], h // sh, sh, w // sw, sw, channels).transpose(2, 3)
+        return x.reshape(-1, sh * sw, channels)
+
+    def merge(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        """The inverse of :meth:`partition`: (B * windows, size_h * size_w, C) -> (B, h * w, C)."""
+        (h, w), (sh, sw), channels = self.grid, self.size, x.shape[-1]
+        x = x.reshape(batch, h // sh, w // sw, sh, sw, channels).transpose(2, 3)
+        return x.reshape(batch, h * w, channels)
 
 
 class Mlp(nn.Module):
@@ -135,9 +169,12 @@ class Block(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                window: Windows | None = None) -> torch.Tensor:
+        """x: (B, 1 + N, C), or (B, N, C) patch tokens with ``window`` (see :meth:`Attention.forward`). Only the
+        attention is windowed: norms, MLP and stochastic depth act per token and per image, as in ViTDet."""
         # Post-norm (EVA02-E) normalises what each branch returns; pre-norm normalises what it reads.
-        branch = self.norm1(self.attn(x, rope)) if self.post_norm else self.attn(self.norm1(x), rope)
+        branch = self.norm1(self.attn(x, rope, window)) if self.post_norm else self.attn(self.norm1(x), rope, window)
         if self.gamma_1 is not None:
             branch = self.gamma_1 * branch
         x = x + drop_path(branch, self.drop_path_rate, self.training)

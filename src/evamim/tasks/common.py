@@ -189,6 +189,10 @@ def schedule_problems(optim: Any, loop: Any) -> list[str]:
     if warmup_steps is not None and total_steps is not None and warmup_steps > total_steps:
         found.append(f"optim.warmup_steps {warmup_steps} is longer than the run (loop.total_steps {total_steps}): "
                      "lower it")
+    late = [m for m in getattr(optim, "milestones", ()) if total_steps is not None and m >= total_steps]
+    if late:
+        found.append(f"optim.milestones {late} are not before the end of the run (loop.total_steps {total_steps}): "
+                     "lower them")
     warmup_epochs, epochs = optim.warmup_epochs, loop.epochs
     if warmup_epochs and epochs is not None and warmup_epochs > epochs:
         found.append(f"optim.warmup_epochs {warmup_epochs} is longer than the run (loop.epochs {epochs}): lower it")

@@ -12,6 +12,7 @@ the step function with any frozen parts inside it, the data, the evaluation, hoo
    and builds its optimizer (ZeRO-1 shards the optimizer state), and picks the checkpointer (sharded for FSDP),
 6. runs the shared :class:`~evamim.engine.Trainer` (checkpoints, exact resume, the non-finite guard, logs),
    with the task's evaluation summed over every process's share of the validation set (:class:`Evaluation`),
+   or its records gathered from every process (:class:`GatheredEvaluation`),
 7. exports the full weights through the task (an FSDP model is gathered first) and writes
    ``summary.json`` with the task's results, including the last validation metrics,
 8. leaves the process group.
@@ -68,6 +69,23 @@ class Evaluation(Protocol):
     def finalize(self, sums: Mapping[str, torch.Tensor]) -> dict[str, float]: ...
 
 
+class GatheredEvaluation(Protocol):
+    """A validation metric that needs every prediction at once (COCO AP ranks all detections of the set), so it
+    cannot be a sum: marked by ``gathered = True``.
+
+    The runner iterates ``loader`` (this process's share, unpadded), concatenates ``collect(model, batch)``
+    (picklable records, e.g. COCO detections), gathers every process's records (in rank order) and calls
+    ``finalize(records) -> {metric: value}`` on every process with all of them: the one-process result.
+    """
+
+    loader: Iterable
+    gathered: bool
+
+    def collect(self, model: nn.Module, batch: Any) -> list[Any]: ...
+
+    def finalize(self, records: Sequence[Any]) -> dict[str, float]: ...
+
+
 @dataclass
 class TrainingParts:
     """What a task builds for the runner (on ``RunContext.device``)."""
@@ -91,7 +109,7 @@ class TrainingParts:
     """The submodules FSDP shards one by one (the transformer blocks)."""
     sync_buffers: bool = False
     """DDP re-broadcasts buffers before each forward: only for running statistics that must agree."""
-    evaluation: Evaluation | None = None
+    evaluation: Evaluation | GatheredEvaluation | None = None
     hooks: Sequence[Any] = ()
     """``engine.Hook`` instances (EMA, best-model export, ...)."""
     steps_per_epoch: int | None = None
@@ -322,19 +340,27 @@ class _AllReducedEvaluation:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(0)  # the same images every time, from the first
         limit = getattr(self.evaluation, "max_batches", None)
+        gathered = getattr(self.evaluation, "gathered", False)
         # Known before the first forward: a process that runs out early keeps step with the others.
         most = self._most_batches(loader, limit) if _is_sharded(model) else None
         sums: dict[str, torch.Tensor] = {}
+        records: list[Any] = []
         batches, last = 0, None
         for batch in loader:
             if limit is not None and batches >= limit:
                 break
-            _add(sums, self.evaluation.score(model, batch))
+            if gathered:
+                records += self.evaluation.collect(model, batch)
+            else:
+                _add(sums, self.evaluation.score(model, batch))
             batches, last = batches + 1, batch
         if most is not None:
             self._replay(model, last, most - batches)
-        names, totals = self._reduce(sums)
-        self.last = self.evaluation.finalize(dict(zip(names, totals)))
+        if gathered:
+            self.last = self.evaluation.finalize(_gather_records(records))
+        else:
+            names, totals = self._reduce(sums)
+            self.last = self.evaluation.finalize(dict(zip(names, totals)))
         return self.last
 
     @staticmethod
@@ -379,8 +405,20 @@ class _AllReducedEvaluation:
         if missing > 0 and last is None:
             raise ValueError("a process has no validation batch while the model is sharded (FSDP): the validation "
                              "set needs at least as many images as there are processes")
+        forward = self.evaluation.collect if getattr(self.evaluation, "gathered", False) else self.evaluation.score
         for _ in range(missing):
-            self.evaluation.score(model, last)
+            forward(model, last)
+
+
+def _gather_records(records: list[Any]) -> list[Any]:
+    """Every process's records, concatenated in rank order (a collective when several processes run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return records
+    from evamim.engine.distributed import all_gather_object
+
+    return [record for share in all_gather_object(records) for record in share]
 
 
 def _add(sums: dict[str, torch.Tensor], scores: Mapping[str, torch.Tensor]) -> None:

@@ -141,7 +141,7 @@ class Trainer(TrainerCheckpointing):
         self.total_steps = resolve_total_steps(loop, self.steps_per_epoch)
         warmup = resolve_warmup_steps(optim.warmup_steps, optim.warmup_epochs, self.steps_per_epoch)
         self.lr_schedule = make_lr_schedule(self.total_steps, optim.lr, optim.min_lr, warmup, optim.schedule,
-                                            optim.poly_power)
+                                            optim.poly_power, optim.milestones, optim.gamma)
         self.wd_schedule = (make_weight_decay_schedule(self.total_steps, optim.weight_decay, optim.weight_decay_end)
                             if optim.weight_decay_end is not None else None)
         self.precision = Precision(loop.precision, model_device(model).type)
