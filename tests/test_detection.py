@@ -137,6 +137,18 @@ def test_malformed_coco_files_are_refused_naming_the_entry(tmp_path, content, me
         CocoAnnotations(path)
 
 
+def test_an_lvis_file_loads_for_training_and_is_refused_for_cocoeval(tmp_path):
+    """LVIS names images by COCO URL and is scored with its federated protocol, not COCOeval's."""
+    data = _coco(images=[{"id": 1, "coco_url": "http://images.cocodataset.org/val2017/000000000139.jpg",
+                          "width": 8, "height": 8, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+                 categories=[{"id": 3, "name": "thing", "frequency": "r"}])
+    path = tmp_path / "lvis_v1_val.json"
+    path.write_text(json.dumps(data))
+    assert CocoAnnotations(path).images[0]["file_name"] == "val2017/000000000139.jpg"
+    with pytest.raises(ValueError, match="is an LVIS file: LVIS is scored with its own federated protocol"):
+        CocoAnnotations(path, for_evaluation=True)
+
+
 def test_a_validation_file_needs_what_cocoeval_reads(tmp_path):
     """area and iscrowd: optional for training (iscrowd defaults to 0), required by COCOeval."""
     path = tmp_path / "instances.json"

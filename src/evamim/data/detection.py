@@ -4,8 +4,9 @@ Layout: an image folder and one COCO JSON file (``DetDataConfig.images`` / ``ann
 ``train2017/`` and ``annotations/instances_train2017.json``, or what ``evamim data make-instances`` writes. The
 JSON needs ``images`` (``id``, ``file_name``, ``width``, ``height``), ``annotations`` (``id``, ``image_id``,
 ``category_id``, ``bbox`` [x, y, w, h] in pixels, ``segmentation`` as polygons or RLE, ``iscrowd``) and
-``categories`` (``id``, ``name``). LVIS's JSON has the same fields and loads as it is (its evaluation, with
-frequency groups and federated negatives, is not COCO's and is not implemented).
+``categories`` (``id``, ``name``). An LVIS file loads for training (its images are named by ``coco_url``: point
+``images`` at the COCO image root holding ``train2017/`` and ``val2017/``); its evaluation, with frequency groups
+and federated negatives, is not COCO's and is refused.
 
 Conventions once loaded: categories are sorted by id and numbered 1..K (``labels``; 0 is the background);
 ``CocoAnnotations.category_ids[label - 1]`` maps back. Boxes are (x1, y1, x2, y2) float pixels, masks (N, h, w)
@@ -140,8 +141,17 @@ class CocoAnnotations:
         if len(set(self.category_ids)) != len(self.category_ids):
             raise ValueError(f"{self.path}: category ids repeat: {self.category_ids}")
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        self.is_lvis = any("frequency" in c for c in self.categories) or any(
+            "neg_category_ids" in image for image in data["images"])
+        if for_evaluation and self.is_lvis:
+            raise ValueError(f"{self.path} is an LVIS file: LVIS is scored with its own federated protocol (frequency "
+                             "groups, verified negatives, 300 detections per image), which evamim does not implement; "
+                             "COCOeval would give wrong numbers. Train on it with eval.enabled=false")
         self.images = []
         for image in data["images"]:
+            if "file_name" not in image and isinstance(image.get("coco_url"), str):
+                # LVIS names its images by their COCO URL: .../train2017/000000155379.jpg -> train2017/000000155379.jpg
+                image = {**image, "file_name": "/".join(image["coco_url"].split("/")[-2:])}
             for key in ("id", "file_name", "width", "height"):
                 self._field(image, key, str if key == "file_name" else int, "images")
             self.images.append(image)
