@@ -6,6 +6,7 @@ import builtins
 import importlib
 import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -29,12 +30,17 @@ def test_every_stage_is_a_valid_run_config(tmp_path, budget):
     stages = demo_stages(tmp_path, budget, templates=tmp_path / "t.txt")
     students = ["clip_mim", "pixel_mim", "feature_distill"] if budget.comparisons else ["clip_mim"]
     assert [s.name for s in stages][:1 + len(students)] == ["teacher", *students]
-    assert [s.name for s in stages][-2:] == ["clip_from_eva", "clip_from_scratch"]
+    detection = ["detect/clip_mim", "detect/random_init"] if budget.detection_steps else []
+    assert [s.name for s in stages][-2 - len(detection):] == ["clip_from_eva", "clip_from_scratch", *detection]
     for stage in stages:
         module_name, config_name, _ = TASKS[stage.command]
         config = load_config(getattr(importlib.import_module(module_name), config_name), None, list(stage.overrides))
-        assert Path(config.output_dir) == stage.directory
-        assert config.data.synthetic_world == "scenes" and config.device == "cpu"
+        assert Path(config.output_dir) == stage.directory and config.device == "cpu"
+        if stage.command == "detect":  # the synthetic instances the demo writes, the same recipe for both backbones
+            assert Path(config.data.annotations) == tmp_path / "instances" / "annotations" / "instances_train.json"
+            assert config.loop.total_steps == budget.detection_steps and config.model.window_size == 4
+        else:
+            assert config.data.synthetic_world == "scenes"
     for pixel in (s for s in stages if s.name == "pixel_mim"):
         assert not any(o.startswith("teacher.spec=") for o in pixel.overrides)  # pixels need no teacher
 
@@ -121,6 +127,14 @@ def test_printed_commands_are_the_stages_and_each_one_runs_as_printed(tmp_path, 
         assert words[:2] == ["evamim", stage.command] and words[2:] == list(stage.overrides)
         assert main([stage.command, *words[2:], "--print-config"]) == 0, line  # the CLI's grammar takes it
     assert not Path("runs").exists()  # printing wrote nothing
+    # The full demo also writes the detection stages' instances first, with the command that does the same.
+    capsys.readouterr()
+    assert main(["demo", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    words = shlex.split(lines[1])
+    assert words[:4] == ["evamim", "data", "make-instances", "runs/demo/instances"] and "--overwrite" in words
+    assert len(lines) == 2 + len(demo_stages(Path("runs/demo"), FULL, templates=Path("t")))
+    assert not Path("runs").exists()
 
 
 def test_an_output_that_cannot_be_written_is_refused_in_one_line(tmp_path, capsys):
@@ -134,3 +148,28 @@ def test_under_torchrun_the_demo_refuses_in_one_line(tmp_path, capsys, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["demo", "--quick", "--output", str(tmp_path / "demo")]) == 2
     assert "runs on one process" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
+def test_a_stage_finished_with_other_settings_starts_over(tmp_path, monkeypatch):
+    """An older demo's finished stage (another marker) is not resumed from: its checkpoints are another run's."""
+    from evamim.demo import stages as stage_module
+    from evamim.demo.plan import Stage
+
+    stage = Stage("x", "x", "pretrain", ("a=1",), tmp_path / "x")
+    (stage.directory / "checkpoints").mkdir(parents=True)
+    (stage.directory / "checkpoints" / "step-000000100.pt").write_text("another run's")
+    (stage.directory / stage_module.MARKER).write_text(json.dumps({"overrides": ["a=0"]}))
+    seen = {}
+
+    def fake_run(config):
+        seen["files"] = sorted(p.name for p in stage.directory.rglob("*"))
+        return {"steps": 1}
+
+    monkeypatch.setitem(stage_module.TASKS, "pretrain", ("tests_fake", "Config", "run"))
+    fake = type(sys)("tests_fake")
+    fake.Config, fake.run = dict, fake_run
+    monkeypatch.setitem(sys.modules, "tests_fake", fake)
+    monkeypatch.setattr("evamim.config.load_config", lambda schema, path, overrides: {})
+    record = stage_module.run_stage(stage, tmp_path / "demo.log")
+    assert seen["files"] == [] and record["reused"] is False
+    assert json.loads((stage.directory / stage_module.MARKER).read_text())["overrides"] == ["a=1"]

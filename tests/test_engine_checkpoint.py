@@ -282,3 +282,22 @@ def test_a_shard_index_declaring_non_tensor_entries_is_refused(tmp_path):
     _plant_index(directory, metadata)
     with pytest.raises(CheckpointError, match="refused the shard index .*BytesStorageMetadata"):
         read_shard_index(directory)
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    """A run pointed at an output_dir that holds another architecture's checkpoints: one line saying so and
+    what to do, not torch's list of size mismatches."""
+    from evamim.engine.checkpoint import CheckpointError
+    from evamim.engine.checkpoint.file import FileCheckpointer
+
+    def parts(width):
+        module = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Linear(width, 2))
+        return module, torch.optim.AdamW(module.parameters())
+
+    FileCheckpointer(*parts(8)).save(tmp_path, 10, keep_last=2, extra={})
+    with pytest.raises(CheckpointError) as error:
+        FileCheckpointer(*parts(16)).load_latest(tmp_path)
+    message = str(error.value)
+    assert "step-000000010.pt was written for another model (size mismatch for 0.weight" in message
+    assert "and 2 more" in message and "choose a new output_dir, or checkpoint.resume=never" in message
+    assert "\n" not in message

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("evamim.models.convert", "convert official EVA / timm / open_clip / evamim weights (to evamim, timm or open_clip)"),
     "data": ("evamim.data.cli", "prepare and inspect datasets (make-shards, make-instances, inspect)"),
     "bench": ("evamim.bench.cli", "measure throughput, MFU and memory (model, data, pretrain)"),
-    "demo": ("evamim.demo.command", "EVA end to end on built-in synthetic scenes, on CPU, with a report (teacher CLIP, students, probes, EVA-CLIP)"),
+    "demo": ("evamim.demo.command", "EVA end to end on built-in synthetic scenes, on CPU, with a report (teacher CLIP, students, probes, EVA-CLIP, detection)"),
     "knn": ("evamim.tasks.knn", "k-nearest-neighbour classification of frozen features (DINO protocol)"),
     "linprobe": ("evamim.tasks.linear_probe", "linear probe on frozen features, a grid of learning rates at once"),
     "finetune": ("evamim.tasks.finetune", "full fine-tuning with layer decay, mixup/cutmix and EMA"),

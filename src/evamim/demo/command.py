@@ -2,8 +2,8 @@
 
 On synthetic captioned scenes, with nothing to download: a small CLIP teacher, EVA students (clip_mim against
 it, pixel_mim and feature_distill for the paper's comparison), kNN and linear probes of every model against
-random init, then EVA-CLIP from the student vs from scratch; ``report.md``, ``results.json`` and figures at the
-end. Every stage is an ordinary evamim run (the same task functions as the CLI, so the same code paths as a
+random init, EVA-CLIP from the student vs from scratch, then (full budget) detection on synthetic instances with
+the student's backbone vs a random one; ``report.md``, ``results.json`` and figures at the end. Every stage is an ordinary evamim run (the same task functions as the CLI, so the same code paths as a
 multi-GPU run) in its own folder; re-running the command reuses finished stages and resumes an interrupted one.
 """
 
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         output.mkdir(parents=True, exist_ok=True)
         templates.write_text("\n".join(SCENE_TEMPLATES) + "\n")
+        if budget.detection_steps:
+            _write_instances(output, args.seed)
     except OSError as error:
         print(f"evamim demo: cannot write into --output {output}: {error.strerror or error}", file=sys.stderr)
         return 2
@@ -83,27 +85,50 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_instances(output: Path, seed: int) -> None:
+    """Stage 5's dataset (drawn again each time: the same files, a fraction of a second)."""
+    from evamim.data.instances import remove_split, write_instances
+    from evamim.demo.plan import INSTANCES, instances_dir
+
+    for split in ("train", "val"):
+        remove_split(instances_dir(output), split)
+    write_instances(instances_dir(output), seed=seed, **INSTANCES)
+
+
+def instances_command(output: Path, seed: int) -> str:
+    """``_write_instances`` as the command line that does the same."""
+    import shlex
+
+    from evamim.demo.plan import INSTANCES, instances_dir
+
+    low, high = INSTANCES["radius_range"]
+    return (f"evamim data make-instances {shlex.quote(str(instances_dir(output)))} --train {INSTANCES['train']} "
+            f"--val {INSTANCES['val']} --resolution {INSTANCES['resolution']} --max-objects "
+            f"{INSTANCES['max_objects']} --min-radius {low} --max-radius {high} --seed {seed} --overwrite")
+
+
 def output_dir(args: argparse.Namespace) -> Path:
     """``--output``, or the default folder of the budget (as given: relative paths stay relative)."""
     return Path(args.output or (DEMO_OUTPUT + ("-quick" if args.quick else "")))
 
 
 def stage_commands(args: argparse.Namespace) -> str:
-    """Each stage as a shell command line (what the demo runs in-process), in order, after the one that writes
-    the zero-shot prompt file the CLIP stages read."""
+    """Each stage as a shell command line (what the demo runs in-process), in order, after the ones that write
+    the zero-shot prompt file the CLIP stages read and (full budget) the detection stages' instances."""
     import shlex
 
     from evamim.demo.plan import FULL, QUICK, demo_stages
 
     output = output_dir(args)
-    stages = demo_stages(output, QUICK if args.quick else FULL, seed=args.seed, teacher_spec=args.teacher,
+    budget = QUICK if args.quick else FULL
+    stages = demo_stages(output, budget, seed=args.seed, teacher_spec=args.teacher,
                          templates=output / "zeroshot_templates.txt")
     templates = str(output / "zeroshot_templates.txt")
     write_templates = (f"mkdir -p {shlex.quote(str(output))} && python -c "
                        + shlex.quote("import sys; from evamim.data.scenes import SCENE_TEMPLATES; "
                                      "open(sys.argv[1], 'w').write(chr(10).join(SCENE_TEMPLATES) + chr(10))")
                        + f" {shlex.quote(templates)}")
-    lines = [write_templates]
+    lines = [write_templates] + ([instances_command(output, args.seed)] if budget.detection_steps else [])
     lines += [f"evamim {stage.command} " + " ".join(shlex.quote(o) for o in stage.overrides) for stage in stages]
     return "\n".join(lines)
 
@@ -120,7 +145,16 @@ def summary_table(results: dict) -> str:
              f"from scratch {_value(eva['clip_from_scratch']['final'])}"]
     if "teacher_zeroshot" in results:
         lines.append(f"teacher CLIP zero-shot top-1: {_value(results['teacher_zeroshot']['final'])}")
+    detection = results.get("detection") or {}
+    if detection:
+        lines.append("detection box / mask AP: " + ", ".join(
+            f"backbone from {name.replace('_', ' ')} {_ap(entry.get('bbox_AP'))} / {_ap(entry.get('segm_AP'))}"
+            for name, entry in detection.items()))
     return "\n".join(lines)
+
+
+def _ap(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _value(value: float | None) -> str:

@@ -2,7 +2,8 @@
 
 A stage is finished when its directory holds ``demo-stage.json`` written for the same overrides; then it is not
 run again. An interrupted stage is simply run again: its run resumes from its newest checkpoint (training) or
-reuses its cached features (probes), as any evamim run does.
+reuses its cached features (probes), as any evamim run does. A stage whose directory holds a finished run with
+other overrides (an older demo) starts over in an emptied directory: its checkpoints are another run's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import importlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +28,7 @@ TASKS = {
     "pretrain": ("evamim.tasks.pretrain", "PretrainConfig", "run_pretrain"),
     "knn": ("evamim.tasks.knn", "KnnConfig", "run_knn"),
     "linprobe": ("evamim.tasks.linear_probe", "LinearProbeConfig", "run_linear_probe"),
+    "detect": ("evamim.tasks.detection", "DetectConfig", "run_detection"),
 }
 
 
@@ -45,6 +48,8 @@ def run_stage(stage: Stage, log_file: Path) -> dict[str, Any]:
     record = finished(stage)
     if record is not None:
         return {**record, "reused": True}
+    if (stage.directory / MARKER).exists():  # finished with other settings: nothing in it is this stage's
+        shutil.rmtree(stage.directory)
     from evamim.config import load_config
 
     module_name, config_name, function_name = TASKS[stage.command]
@@ -88,6 +93,9 @@ def headline(stage: Stage, result: dict[str, Any]) -> str:
         return f"zero-shot top-1 {top1:.1f}%" if top1 is not None else "trained"
     if stage.command == "pretrain":
         return f"{result.get('steps', '?')} steps"
+    if stage.command == "detect":
+        box, mask = result.get("bbox_AP"), result.get("segm_AP")
+        return f"box AP {box:.1f}, mask AP {mask:.1f}" if box is not None and mask is not None else "trained"
     best = result.get("best") or {}
     if "top1" in best:
         return f"top-1 {best['top1']:.1f}% ({best.get('features', '?')})"

@@ -140,8 +140,15 @@ class FileCheckpointer:
             return self.optimizer.state_dict() if self.is_main_process else None
         return self.optimizer.state_dict()
 
-    def load_model_optimizer_state(self, state: Mapping[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
+    def load_model_optimizer_state(self, state: Mapping[str, Any], path: str | os.PathLike = "the checkpoint") -> None:
+        try:
+            self.module.load_state_dict(state["model"])
+        except RuntimeError as error:  # another architecture: torch lists every mismatch, one per line
+            details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            raise CheckpointError(
+                f"{path} was written for another model ({details[0] if details else error}"
+                f"{f', and {len(details) - 1} more' if len(details) > 1 else ''}): its output_dir holds another "
+                "run's checkpoints; choose a new output_dir, or checkpoint.resume=never to start this run over") from None
         # A ZeroRedundancyOptimizer takes the consolidated state and keeps its own share.
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -162,7 +169,7 @@ class FileCheckpointer:
             raise CheckpointError(f"{path} is a sharded (FSDP) checkpoint directory but this run writes single-file "
                                   "checkpoints; resume it with distributed.strategy=fsdp")
         state = load_checkpoint(path)
-        self.load_model_optimizer_state(state)
+        self.load_model_optimizer_state(state, path)
         return state
 
     def load_latest(self, directory: str | os.PathLike) -> tuple[Path, dict] | None:
@@ -172,5 +179,5 @@ class FileCheckpointer:
         if found is None:
             return None
         path, state = found
-        self.load_model_optimizer_state(state)
+        self.load_model_optimizer_state(state, path)
         return path, state
