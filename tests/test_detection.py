@@ -86,6 +86,9 @@ def test_make_instances_writes_coco_whose_boxes_and_areas_are_the_masks(tmp_path
     assert len(val["images"]) == 3
     assert main(["data", "make-instances", str(out), "--train", "2"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["data", "make-instances", str(tmp_path / "other"), "--min-radius", "0.6"]) == 2
+    assert "--min-radius 0.6 and --max-radius 0.18 must satisfy" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
     assert main(["data", "make-instances", str(out), "--train", "2", "--val", "0", "--overwrite"]) == 0
     assert not (out / "annotations" / "instances_val.json").exists() and not (out / "images" / "val").exists()
     assert len(list((out / "images" / "train").iterdir())) == 2

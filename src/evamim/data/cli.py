@@ -111,6 +111,10 @@ def _make_instances(args: argparse.Namespace) -> int:
     if not args.train and not args.val:
         print("evamim data make-instances: --train 0 and --val 0 write nothing; ask for some images", file=sys.stderr)
         return 2
+    if not 0 < args.min_radius <= args.max_radius <= 0.5:
+        print(f"evamim data make-instances: --min-radius {args.min_radius} and --max-radius {args.max_radius} must "
+              "satisfy 0 < min <= max <= 0.5 (fractions of the image side)", file=sys.stderr)
+        return 2
     try:
         if args.overwrite:  # an old split left in place would be read as part of the new dataset
             from evamim.data.instances import remove_split
