@@ -133,6 +133,25 @@ def load_backbone(section: ModelSection, **overrides: Any):
                         **{**section.options, **overrides})
 
 
+def backbone_config(section: ModelSection, overrides: Mapping[str, Any] | None = None):
+    """The EvaViTConfig that ``load_backbone(section, **overrides)`` builds, without reading any weights: the preset
+    ``section.name``, or the config.json of the evamim directory ``section.pretrained``, with ``section.options``
+    and then ``overrides`` on top.
+
+    Raises:
+        ValueError / FileNotFoundError: saying what is wrong (an unknown preset, a bad option, no config.json).
+    """
+    from evamim.models.checkpoint import read_config
+    from evamim.models.presets import model_config
+    from evamim.models.vit import EvaViTConfig
+
+    values = {**section.options, **(overrides or {})}
+    if section.name is not None:
+        return model_config(section.name, **values)
+    # The architecture comes from an evamim directory (or .safetensors with its config).
+    return EvaViTConfig.from_dict({**read_config(section.pretrained).to_dict(), **values})
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; an explicit cuda device without CUDA is an error."""
     if name == "auto":

@@ -40,6 +40,7 @@ from evamim.tasks.command import add_config_arguments, run_config_command
 from evamim.tasks.common import (
     TrainedModelSection,
     ValidationData,
+    backbone_config,
     load_backbone,
     model_problems,
     source_classes,
@@ -134,15 +135,7 @@ def model_overrides(config: FinetuneConfig, num_classes: int) -> dict[str, Any]:
 
 def model_config_of(config: FinetuneConfig, num_classes: int):
     """The classifier's EvaViTConfig, without weights (a ValueError / FileNotFoundError says what is wrong)."""
-    from evamim.models.checkpoint import read_config
-    from evamim.models.presets import model_config
-    from evamim.models.vit import EvaViTConfig
-
-    overrides = {**config.model.options, **model_overrides(config, num_classes)}
-    if config.model.name is not None:
-        return model_config(config.model.name, **overrides)
-    # The architecture comes from an evamim directory (or .safetensors with its config).
-    return EvaViTConfig.from_dict({**read_config(config.model.pretrained).to_dict(), **overrides})
+    return backbone_config(config.model, model_overrides(config, num_classes))
 
 
 def validate(config: FinetuneConfig) -> None:

@@ -26,6 +26,7 @@ from evamim.tasks.probe_train import (
     RowBatches,
     broadcast_feature_set,
 )
+from evamim.tasks.common import backbone_config
 from evamim.tasks.runner import RunContext, TrainingParts
 
 if TYPE_CHECKING:
@@ -147,17 +148,6 @@ def _num_classes(config: LinearProbeConfig, train: FeatureSet | None, val: Featu
 
 
 # ----------------------------------------------------------------------------------------------- --dry-run
-def backbone_config(model: Any):
-    """The backbone's EvaViTConfig from ``model.*`` without reading weights (ValueError / FileNotFoundError)."""
-    from evamim.models.checkpoint import read_config
-    from evamim.models.presets import model_config
-    from evamim.models.vit import EvaViTConfig
-
-    if model.name is not None:
-        return model_config(model.name, **model.options)
-    return EvaViTConfig.from_dict({**read_config(model.pretrained).to_dict(), **model.options})
-
-
 def describe_probe(config: LinearProbeConfig) -> str:
     """The ``--dry-run`` report of a validated config."""
     from evamim.models.vit import EvaViT

@@ -30,7 +30,14 @@ from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig
 from evamim.engine.distributed import DistributedConfig
 from evamim.models.seg_heads import HEAD_KINDS
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import TrainedModelSection, format_table, load_backbone, model_problems, training_run_problems
+from evamim.tasks.common import (
+    TrainedModelSection,
+    backbone_config,
+    format_table,
+    load_backbone,
+    model_problems,
+    training_run_problems,
+)
 from evamim.tasks.runner import RunContext, TrainingParts, run_training
 from evamim.tasks.seg_metrics import (
     IOU_CONVENTION,
@@ -139,16 +146,10 @@ def backbone_overrides(config: SegmentConfig) -> dict[str, Any]:
 
 
 def _check_backbone_config(config: SegmentConfig) -> str | None:
-    from evamim.models.checkpoint import read_config
-    from evamim.models.presets import model_config
-    from evamim.models.vit import EvaViTConfig, feature_take_indices
+    from evamim.models.vit import feature_take_indices
 
-    overrides = {**config.model.options, **backbone_overrides(config)}
     try:
-        if config.model.name is not None:
-            vit_config = model_config(config.model.name, **overrides)
-        else:  # the architecture comes from an evamim directory (or .safetensors with its config)
-            vit_config = EvaViTConfig.from_dict({**read_config(config.model.pretrained).to_dict(), **overrides})
+        vit_config = backbone_config(config.model, backbone_overrides(config))
     except (ValueError, FileNotFoundError) as error:
         return f"model (built at data.crop_size={config.data.crop_size}): {error}"
     if config.head.indices is not None:
@@ -291,13 +292,7 @@ def dry_run(config: SegmentConfig) -> str:
     from evamim.tasks.plan import describe_run
 
     validate(config)
-    from evamim.models.checkpoint import read_config
-    from evamim.models.presets import model_config
-    from evamim.models.vit import EvaViTConfig
-
-    overrides = {**config.model.options, **backbone_overrides(config)}
-    vit = (model_config(config.model.name, **overrides) if config.model.name is not None
-           else EvaViTConfig.from_dict({**read_config(config.model.pretrained).to_dict(), **overrides}))
+    vit = backbone_config(config.model, backbone_overrides(config))
     head = config.head
     with torch.device("meta"):
         model = Segmenter(EvaViT(vit), config.data.num_classes, kind=head.kind, indices=head.indices,
