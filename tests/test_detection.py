@@ -374,6 +374,8 @@ def test_detect_config_mistakes_are_refused_with_the_fix(tmp_path):
     assert "model.options.window_size is set by this task: use model.window_size" in problems(
         "model.options={window_size: 4}")
     assert "distributed.strategy=fsdp is not available for detect" in problems("distributed.strategy=fsdp")
+    assert "so the patch size must be a power of two >= 4, got 12" in problems(
+        "model.options={patch_size: 12, embed_dim: 96, depth: 4, num_heads: 3}", "data.img_size=48")
     assert "optim.milestones [10] are not before the end of the run" in problems("optim.milestones=[10]")
     with pytest.raises(ConfigError, match="head.anchor_size"):
         load_config(DetectConfig, None, base + ["head.anchor_size=[1]"])

@@ -199,6 +199,16 @@ def _fix_pooler_scales(model, patch_size: int) -> None:
                                             canonical_level=pooler.canonical_level)
 
 
+def patch_size_problem(patch_size: int) -> str | None:
+    """Why a ViT with this patch size cannot be the detector's backbone, or None."""
+    if patch_size >= 4 and not patch_size & (patch_size - 1):
+        return None
+    return (f"the detector's pyramid levels must have power-of-two strides (anchors, RoI levels), so the patch size "
+            f"must be a power of two >= 4, got {patch_size}; use patch_size=16 (in evamim detect: "
+            "model.options.patch_size=16; a pre-trained patch kernel is resampled, as EVA's detection converts its "
+            "14-pixel patches to 16)")
+
+
 class Detector(nn.Module):
     """Mask R-CNN on an EvaViT (see the module docstring): ``detector(images)`` -> detections (eval mode), or
     ``detector(images, targets)`` -> losses (training mode).
@@ -217,12 +227,9 @@ class Detector(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (object classes, without the background), got {num_classes}")
         height, width = vit.config.img_size
-        patch = vit.config.patch_size
-        if patch < 4 or patch & (patch - 1):
-            raise ValueError(
-                f"the detector's pyramid levels must have power-of-two strides (anchors, RoI levels), so the patch "
-                f"size must be a power of two >= 4, got {patch}; build the ViT with patch_size=16 (a pre-trained "
-                f"patch kernel is resampled, as EVA's detection converts its 14-pixel patches to 16)")
+        problem = patch_size_problem(vit.config.patch_size)
+        if problem:
+            raise ValueError(problem)
         if height != width:
             raise ValueError(f"the detector pads images to a square; build the ViT with a square img_size, got "
                              f"{height}x{width}")
@@ -301,5 +308,6 @@ __all__ = [
     "DetectorHeadConfig",
     "ViTDetBackbone",
     "load_detector",
+    "patch_size_problem",
     "save_detector",
 ]

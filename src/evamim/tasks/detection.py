@@ -27,9 +27,16 @@ from evamim.config import ConfigError
 from evamim.data.detection import DetDataConfig
 from evamim.engine import CheckpointConfig, LoopConfig, OptimConfig
 from evamim.engine.distributed import DistributedConfig
-from evamim.models.detector import DetectorHeadConfig
+from evamim.models.detector import DetectorHeadConfig, patch_size_problem
 from evamim.tasks.command import add_config_arguments, run_config_command
-from evamim.tasks.common import TrainedModelSection, format_table, load_backbone, model_problems, training_run_problems
+from evamim.tasks.common import (
+    TrainedModelSection,
+    backbone_config,
+    format_table,
+    load_backbone,
+    model_problems,
+    training_run_problems,
+)
 from evamim.tasks.runner import RunContext, TrainingParts, run_training
 
 logger = logging.getLogger(__name__)
@@ -120,13 +127,9 @@ def global_blocks(config: DetectConfig, depth: int) -> list[int]:
 
 def _vit_config(config: DetectConfig):
     """The backbone's EvaViTConfig (raises ValueError / FileNotFoundError)."""
-    from evamim.models.checkpoint import read_config
-    from evamim.models.presets import model_config
     from evamim.models.vit import EvaViTConfig
 
-    overrides = {**config.model.options, **_plain_overrides(config)}
-    base = (model_config(config.model.name, **overrides) if config.model.name is not None
-            else EvaViTConfig.from_dict({**read_config(config.model.pretrained).to_dict(), **overrides}))
+    base = backbone_config(config.model, _plain_overrides(config))
     return EvaViTConfig.from_dict({**base.to_dict(), "window_size": config.model.window_size,
                                    "global_blocks": global_blocks(config, base.depth)})
 
@@ -185,15 +188,12 @@ def validate(config: DetectConfig) -> None:
         problems.append(f"val_data.limit must be >= 1 or null, got {config.val_data.limit}")
     if not problems:
         try:
-            patch = _vit_config(config).patch_size
+            problem = patch_size_problem(_vit_config(config).patch_size)
         except (ValueError, FileNotFoundError) as error:
-            problems.append(f"model (built at data.img_size={config.data.img_size}, window_size="
-                            f"{config.model.window_size}): {error}")
-        else:
-            if patch < 4 or patch & (patch - 1):
-                problems.append(f"the patch size is {patch}: the detector's pyramid needs a power of two >= 4 "
-                                "(anchor strides, RoI levels); set model.options.patch_size=16 (a pre-trained patch "
-                                "kernel is resampled, as EVA's detection converts its 14-pixel patches to 16)")
+            problem = (f"model (built at data.img_size={config.data.img_size}, window_size="
+                       f"{config.model.window_size}): {error}")
+        if problem:
+            problems.append(problem)
     problems += training_run_problems(config)
     if problems:
         raise ConfigError("invalid detection config:\n  " + "\n  ".join(problems))
