@@ -171,62 +171,59 @@ def roi_align_by_grid_sample(input: torch.Tensor, rois: torch.Tensor, spatial_sc
     RoIs are grouped by the power of two above their count, so that one large RoI (a mask target of a big
     object) does not make every small one sample as densely.
     """
-    if sampling_ratio > 0 or rois.shape[0] == 0:
-        return _roi_align_group(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
-    scale = rois.new_tensor(spatial_scale)
-    extent = ((rois[:, 3:5] - rois[:, 1:3]) * scale).clamp(min=0 if aligned else 1.0)
-    counts = torch.ceil(extent / extent.new_tensor([pooled_width, pooled_height])).amax(dim=1).clamp(min=1)
-    groups = torch.ceil(torch.log2(counts)).long()
+    offset = 0.5 if aligned else 0.0
+    start_w, start_h = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    width = rois[:, 3] * spatial_scale - offset - start_w
+    height = rois[:, 4] * spatial_scale - offset - start_h
+    if not aligned:
+        width, height = width.clamp(min=1.0), height.clamp(min=1.0)
+    if sampling_ratio > 0:
+        groups = torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
+    else:  # by the power of two above the RoI's sample count (the larger of its two axes')
+        counts = torch.maximum(torch.ceil(height / pooled_height), torch.ceil(width / pooled_width)).clamp(min=1)
+        groups = torch.ceil(torch.log2(counts)).long()
+    batch_index = rois[:, 0].long()
     output = input.new_zeros((rois.shape[0], input.shape[1], pooled_height, pooled_width))
     for group in groups.unique().tolist():
-        chosen = (groups == group).nonzero().squeeze(1)
-        pooled = _roi_align_group(input, rois[chosen], spatial_scale, pooled_height, pooled_width, sampling_ratio,
-                                  aligned)
-        output = output.index_copy(0, chosen, pooled)
+        for image in batch_index.unique().tolist():
+            chosen = ((groups == group) & (batch_index == image)).nonzero().squeeze(1)
+            if len(chosen):
+                pooled = _pool_rois(input[image], start_h[chosen], height[chosen], start_w[chosen], width[chosen],
+                                    pooled_height, pooled_width, sampling_ratio)
+                output = output.index_copy(0, chosen, pooled)
     return output
 
 
-def _roi_align_group(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, pooled_height: int,
-                     pooled_width: int, sampling_ratio: int, aligned: bool) -> torch.Tensor:
-    """:func:`roi_align_by_grid_sample` on a group of RoIs sampled alike."""
+def _pool_rois(feature: torch.Tensor, start_h: torch.Tensor, height: torch.Tensor, start_w: torch.Tensor,
+               width: torch.Tensor, pooled_height: int, pooled_width: int, sampling_ratio: int) -> torch.Tensor:
+    """:func:`roi_align_by_grid_sample` for RoIs (k, in map coordinates) of one (C, H, W) map, sampled alike."""
     import torch.nn.functional as F
 
-    _, channels, height, width = input.shape
-    offset = 0.5 if aligned else 0.0
-    start_w, start_h = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
-    roi_width = rois[:, 3] * spatial_scale - offset - start_w
-    roi_height = rois[:, 4] * spatial_scale - offset - start_h
-    if not aligned:
-        roi_width, roi_height = roi_width.clamp(min=1.0), roi_height.clamp(min=1.0)
+    channels, map_height, map_width = feature.shape
 
     def samples(start, size, bins, limit):
-        """Sample positions (K, bins * G) along one axis, which of them a RoI uses, and how many it uses."""
+        """Sample positions (k, bins * G) along one axis, which of them a RoI uses, and how many it uses."""
         step = size / bins
         counts = torch.full_like(step, sampling_ratio) if sampling_ratio > 0 else torch.ceil(step)
-        most = max(int(counts.max()), 1) if counts.numel() else 1
-        index = torch.arange(most, device=input.device)
-        centres = torch.arange(bins, device=input.device)[None, :, None] * step[:, None, None]
-        positions = start[:, None, None] + centres + (index + 0.5).to(input.dtype)[None, None, :] * (step / counts)[:, None, None]
+        most = max(int(counts.max()), 1)
+        index = torch.arange(most, device=feature.device)
+        centres = torch.arange(bins, device=feature.device)[None, :, None] * step[:, None, None]
+        positions = start[:, None, None] + centres + (index + 0.5).to(feature.dtype)[None, None, :] * (step / counts)[:, None, None]
         used = (index[None, None, :] < counts[:, None, None]).expand(-1, bins, -1)
         used = used & (positions >= -1) & (positions <= limit)  # the kernel's zero outside the map
         # align_corners=True puts grid -1 / +1 on the first / last pixel centres: pixel i <-> 2 i / (size - 1) - 1.
         grid = positions.clamp(0, limit - 1) * (2 / max(limit - 1, 1)) - 1
-        return grid.flatten(1), used.flatten(1).to(input.dtype), counts, most
+        return grid.flatten(1), used.flatten(1).to(feature.dtype), counts, most
 
-    rows, used_rows, count_rows, most_rows = samples(start_h, roi_height, pooled_height, height)
-    cols, used_cols, count_cols, most_cols = samples(start_w, roi_width, pooled_width, width)
+    rows, used_rows, count_rows, most_rows = samples(start_h, height, pooled_height, map_height)
+    cols, used_cols, count_cols, most_cols = samples(start_w, width, pooled_width, map_width)
     weights = used_rows[:, :, None] * used_cols[:, None, :] / (count_rows * count_cols).clamp(min=1)[:, None, None]
-    batch_index = rois[:, 0].long()
-    output = input.new_zeros((rois.shape[0], channels, pooled_height, pooled_width))
-    for image in batch_index.unique().tolist():
-        chosen = (batch_index == image).nonzero().squeeze(1)
-        grid = torch.stack(torch.broadcast_tensors(cols[chosen][:, None, :], rows[chosen][:, :, None]), dim=-1)
-        values = F.grid_sample(input[image : image + 1], grid.reshape(1, -1, grid.shape[2], 2), mode="bilinear",
-                               padding_mode="border", align_corners=True)[0]  # (C, k * rows, cols)
-        values = values.reshape(channels, len(chosen), *grid.shape[1:3]) * weights[chosen]
-        values = values.reshape(channels, len(chosen), pooled_height, most_rows, pooled_width, most_cols)
-        output = output.index_copy(0, chosen, values.sum(dim=(3, 5)).transpose(0, 1))
-    return output
+    grid = torch.stack(torch.broadcast_tensors(cols[:, None, :], rows[:, :, None]), dim=-1)  # (k, rows, cols, 2)
+    values = F.grid_sample(feature[None], grid.reshape(1, -1, grid.shape[2], 2), mode="bilinear",
+                           padding_mode="border", align_corners=True)[0]  # (C, k * rows, cols)
+    values = values.reshape(channels, *grid.shape[:3]) * weights
+    values = values.reshape(channels, len(grid), pooled_height, most_rows, pooled_width, most_cols)
+    return values.sum(dim=(3, 5)).transpose(0, 1)
 
 
 def enable_cpu_detection_ops() -> bool:
