@@ -134,7 +134,8 @@ def stage_commands(args: argparse.Namespace) -> str:
 
 
 def summary_table(results: dict) -> str:
-    """The console's closing table: probes per model, then the EVA-CLIP comparison."""
+    """The console's closing table: probes per model, then the EVA-CLIP and detection comparisons."""
+    from evamim.demo.report import one_decimal
     from evamim.tasks.common import format_table
 
     rows = [{"model": model.replace("_", " "), "kNN top-1": entry.get("knn_top1"),
@@ -148,13 +149,10 @@ def summary_table(results: dict) -> str:
     detection = results.get("detection") or {}
     if detection:
         lines.append("detection box / mask AP: " + ", ".join(
-            f"backbone from {name.replace('_', ' ')} {_ap(entry.get('bbox_AP'))} / {_ap(entry.get('segm_AP'))}"
+            f"backbone from {name.replace('_', ' ')} {one_decimal(entry.get('bbox_AP'))} / "
+            f"{one_decimal(entry.get('segm_AP'))}"
             for name, entry in detection.items()))
     return "\n".join(lines)
-
-
-def _ap(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def _value(value: float | None) -> str:

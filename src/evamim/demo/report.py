@@ -202,7 +202,8 @@ def _figures(output: Path, results: Mapping[str, Any], maps: Mapping[str, Any]) 
     }
 
 
-def _pct(value: float | None) -> str:
+def one_decimal(value: float | None) -> str:
+    """A metric in the report and on the console: one decimal, or - when there is none."""
     return "-" if value is None else f"{value:.1f}"
 
 
@@ -216,7 +217,7 @@ def markdown(results: Mapping[str, Any], stages: list[Stage]) -> str:
              "shape, one of 8 (chance 12.5%).", ""]
     if "teacher_zeroshot" in results:
         lines += ["## Stage 1: the teacher", "",
-                  f"A small CLIP trained on the scenes' captions reaches **{_pct(results['teacher_zeroshot']['final'])}%** "
+                  f"A small CLIP trained on the scenes' captions reaches **{one_decimal(results['teacher_zeroshot']['final'])}%** "
                   "zero-shot shape accuracy on held-out scenes (prompts in the captions' words).", ""]
     lines += ["## Stages 2-3: EVA students and what their features are worth", "",
               f"Frozen features, {results['labelled_images_per_class']} labelled scenes per class, top-1 % on held-out "
@@ -225,7 +226,7 @@ def markdown(results: Mapping[str, Any], stages: list[Stage]) -> str:
     for model, entry in results["probes"].items():
         student = results["students"].get(model)
         loss = "-" if not student or student["final_loss"] is None else f"{student['first_loss']:.3f} -> {student['final_loss']:.3f}"
-        lines.append(f"| {model.replace('_', ' ')} | {_pct(entry.get('knn_top1'))} | {_pct(entry.get('linprobe_top1'))} | {loss} |")
+        lines.append(f"| {model.replace('_', ' ')} | {one_decimal(entry.get('knn_top1'))} | {one_decimal(entry.get('linprobe_top1'))} | {loss} |")
     masked = results.get("masked_prediction")
     if masked:
         lines += ["", f"The clip_mim student's predictions have a mean cosine of {masked['cos_masked']:.3f} with the "
@@ -233,8 +234,8 @@ def markdown(results: Mapping[str, Any], stages: list[Stage]) -> str:
                   f"{masked['scenes']} held-out scenes.", "", "![masked predictions](figures/masked_predictions.png)", ""]
     eva = results["eva_clip"]
     lines += ["## Stage 4: EVA-CLIP", "",
-              f"The same CLIP recipe, vision tower from the clip_mim student: **{_pct(eva['clip_from_eva']['final'])}%** "
-              f"final zero-shot; from scratch: **{_pct(eva['clip_from_scratch']['final'])}%**.", "",
+              f"The same CLIP recipe, vision tower from the clip_mim student: **{one_decimal(eva['clip_from_eva']['final'])}%** "
+              f"final zero-shot; from scratch: **{one_decimal(eva['clip_from_scratch']['final'])}%**.", "",
               "![EVA-CLIP](figures/eva_clip.png)", ""]
     detection = results.get("detection") or {}
     if detection:
@@ -245,13 +246,13 @@ def markdown(results: Mapping[str, Any], stages: list[Stage]) -> str:
                   "| backbone | box AP | box AP50 | box AP75 | mask AP | mask AP50 | mask AP75 |",
                   "|---|---|---|---|---|---|---|"]
         for name, entry in detection.items():
-            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(_pct(entry.get(key)) for key in DETECTION_METRICS)
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(one_decimal(entry.get(key)) for key in DETECTION_METRICS)
                          + " |")
         lines.append("")
     lines += ["## The paper's findings at this scale", "",
               "| claim | this run | reproduced |", "|---|---|---|"]
     for finding in results["findings"].values():
-        numbers = ", ".join(f"{k} {_pct(v)}" for k, v in finding.items()
+        numbers = ", ".join(f"{k} {one_decimal(v)}" for k, v in finding.items()
                             if k not in ("claim", "reproduced", "within_noise"))
         verdict = {True: "yes", False: "**no**"}[finding["reproduced"]]
         if finding["within_noise"]:
